@@ -1,0 +1,182 @@
+#include "cpu/conv.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace cbir::cpu {
+namespace {
+
+constexpr int NR = kGemmNR;
+
+struct ImageCtx {
+  const float* x;  // first channel of the group, batch entry 0
+  int64_t x_bs;    // floats between batch entries
+  int H, W, OW, KH, KW, SH, SW, PT, PL, DH, DW;
+};
+
+// Packs im2col rows [k0, k0+kc) (k = (c, ky, kx)) and output pixels [n0, n0+nc).
+void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, int nc, float* dst) {
+  const ImageCtx& g = *static_cast<const ImageCtx*>(vctx);
+  const float* x = g.x + batch * g.x_bs;
+  const int khw = g.KH * g.KW;
+  const int64_t plane = int64_t(g.H) * g.W;
+  for (int jp = 0; jp < nc; jp += NR) {
+    const int cols = std::min(NR, nc - jp);
+    float* panel = dst + int64_t(jp / NR) * kc * NR;
+    int iy0[NR], ix0[NR];
+    {
+      int n = n0 + jp, oy = n / g.OW, ox = n % g.OW;
+      for (int j = 0; j < cols; ++j) {
+        iy0[j] = oy * g.SH - g.PT;
+        ix0[j] = ox * g.SW - g.PL;
+        if (++ox == g.OW) ox = 0, ++oy;
+      }
+    }
+    // All columns on one output row with unit stride: each k row is a contiguous run of x.
+    const bool run = g.SW == 1 && cols == NR && iy0[0] == iy0[cols - 1];
+    int ch = k0 / khw, rem = k0 % khw, ky = rem / g.KW, kx = rem % g.KW;
+    for (int k = 0; k < kc; ++k) {
+      float* out = panel + int64_t(k) * NR;
+      const float* xc = x + ch * plane;
+      const int dy = ky * g.DH, dx = kx * g.DW;
+      if (run) {
+        const int iy = iy0[0] + dy, ix = ix0[0] + dx;
+        if (iy < 0 || iy >= g.H) {
+          _mm256_storeu_ps(out, _mm256_setzero_ps());
+          _mm256_storeu_ps(out + 8, _mm256_setzero_ps());
+        } else if (ix >= 0 && ix + NR <= g.W) {
+          const float* src = xc + int64_t(iy) * g.W + ix;
+          _mm256_storeu_ps(out, _mm256_loadu_ps(src));
+          _mm256_storeu_ps(out + 8, _mm256_loadu_ps(src + 8));
+        } else {
+          const float* src = xc + int64_t(iy) * g.W;
+          for (int j = 0; j < NR; ++j) {
+            const int xx = ix + j;
+            out[j] = (xx >= 0 && xx < g.W) ? src[xx] : 0.0f;
+          }
+        }
+      } else {
+        int j = 0;
+        for (; j < cols; ++j) {
+          const int iy = iy0[j] + dy, ix = ix0[j] + dx;
+          out[j] = (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) ? xc[int64_t(iy) * g.W + ix] : 0.0f;
+        }
+        for (; j < NR; ++j) out[j] = 0.0f;
+      }
+      if (++kx == g.KW) {
+        kx = 0;
+        if (++ky == g.KH) ky = 0, ++ch;
+      }
+    }
+  }
+}
+
+GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx) {
+  const int Cg = p.C / p.groups, Kg = p.K / p.groups;
+  const int64_t out_plane = int64_t(p.OH) * p.OW;
+  ctx = ImageCtx{p.x + int64_t(g) * Cg * p.H * p.W,
+                 int64_t(p.C) * p.H * p.W,
+                 p.H, p.W, p.OW, p.KH, p.KW, p.SH, p.SW, p.PT, p.PL, p.DH, p.DW};
+  GemmParams gp;
+  gp.M = Kg;
+  gp.N = int(out_plane);
+  gp.K = Cg * p.KH * p.KW;
+  gp.batch = p.N;
+  gp.a_packed = p.w + size_t(g) * packed_a_floats(Kg, gp.K);
+  const bool pointwise = p.KH == 1 && p.KW == 1 && p.SH == 1 && p.SW == 1 && p.PT == 0 &&
+                         p.PL == 0 && p.OH == p.H && p.OW == p.W;
+  if (pointwise) {  // 1x1: the image already is the B matrix
+    gp.b = ctx.x;
+    gp.b_rs = int64_t(p.H) * p.W;
+    gp.b_cs = 1;
+    gp.b_bs = ctx.x_bs;
+  } else {
+    gp.pack_b_fn = pack_image_block;
+    gp.pack_b_ctx = &ctx;
+  }
+  gp.c = p.y + int64_t(g) * Kg * out_plane;
+  gp.ldc = out_plane;
+  gp.c_bs = int64_t(p.K) * out_plane;
+  gp.ep.bias = p.bias ? p.bias + g * Kg : nullptr;
+  gp.ep.bias_per_row = true;
+  if (p.residual) {
+    gp.ep.residual = p.residual + int64_t(g) * Kg * out_plane;
+    gp.ep.res_rs = out_plane;
+    gp.ep.res_cs = 1;
+    gp.ep.res_bs = int64_t(p.K) * out_plane;
+  }
+  gp.ep.act = p.act;
+  gp.ep.act_a = p.act_a;
+  gp.ep.act_b = p.act_b;
+  return gp;
+}
+
+}  // namespace
+
+size_t conv2d_packed_weight_floats(int K, int Cg, int KH, int KW, int groups) {
+  return size_t(groups) * packed_a_floats(K / groups, Cg * KH * KW);
+}
+
+void pack_conv2d_weight(const float* w, int K, int Cg, int KH, int KW, int groups, float* out) {
+  const int Kg = K / groups, kdim = Cg * KH * KW;
+  for (int g = 0; g < groups; ++g)
+    pack_a(w + int64_t(g) * Kg * kdim, kdim, 1, Kg, kdim, out + size_t(g) * packed_a_floats(Kg, kdim));
+}
+
+size_t conv2d_scratch_floats(const Conv2dParams& p, int threads) {
+  ImageCtx ctx;
+  return gemm_scratch_floats(group_gemm(p, 0, ctx), threads);
+}
+
+void run_conv2d(const Conv2dParams& p, Parallel& par) {
+  for (int g = 0; g < p.groups; ++g) {
+    ImageCtx ctx;
+    GemmParams gp = group_gemm(p, g, ctx);
+    run_gemm(gp, par);
+  }
+}
+
+void run_depthwise_conv2d(const Conv2dParams& p, Parallel& par) {
+  const int mult = p.K / p.C;
+  const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
+  auto task = [&](int64_t t, int) {
+    const int64_t n = t / p.K;
+    const int k = int(t % p.K);
+    const float* x = p.x + (n * p.C + k / mult) * in_plane;
+    const float* w = p.w + int64_t(k) * p.KH * p.KW;
+    float* y = p.y + t * out_plane;
+    const float b = p.bias ? p.bias[k] : 0.0f;
+    for (int oy = 0; oy < p.OH; ++oy) {
+      float* yr = y + int64_t(oy) * p.OW;
+      for (int ox = 0; ox < p.OW; ++ox) yr[ox] = b;
+      for (int ky = 0; ky < p.KH; ++ky) {
+        const int iy = oy * p.SH - p.PT + ky * p.DH;
+        if (iy < 0 || iy >= p.H) continue;
+        const float* xr = x + int64_t(iy) * p.W;
+        for (int kx = 0; kx < p.KW; ++kx) {
+          const float wv = w[ky * p.KW + kx];
+          const int off = kx * p.DW - p.PL;
+          // Output columns whose input column lies inside the row.
+          int lo = off < 0 ? (-off + p.SW - 1) / p.SW : 0;
+          int hi = p.W - off > 0 ? std::min(p.OW, (p.W - off + p.SW - 1) / p.SW) : 0;
+          if (p.SW == 1) {
+            const float* src = xr + off;
+            for (int ox = lo; ox < hi; ++ox) yr[ox] += wv * src[ox];
+          } else {
+            for (int ox = lo; ox < hi; ++ox) yr[ox] += wv * xr[ox * p.SW + off];
+          }
+        }
+      }
+    }
+    if (p.residual) {
+      const float* r = p.residual + t * out_plane;
+      for (int64_t i = 0; i < out_plane; ++i) y[i] += r[i];
+    }
+    apply_act(p.act, p.act_a, p.act_b, y, out_plane);
+  };
+  par.run(int64_t(p.N) * p.K, task);
+}
+
+}  // namespace cbir::cpu

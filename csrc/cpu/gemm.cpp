@@ -1,0 +1,270 @@
+#include "cpu/gemm.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/simd.h"
+
+namespace cbir::cpu {
+namespace {
+
+constexpr int MR = kGemmMR;
+constexpr int NR = kGemmNR;
+constexpr int KC = kGemmKC;
+constexpr int NC = 128;  // columns per task: a KC x NC packed B block is 128 KiB
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// R x 16 register tile: C (+)= A_panel[kc x MR] * B_panel[kc x NR], rows < R untouched.
+template <int R>
+void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+                  int64_t ldc, bool accumulate) {
+  __m256 acc0[R], acc1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  for (int k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * NR);
+    const __m256 b1 = _mm256_loadu_ps(b + k * NR + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + k * MR + r);
+      acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) {
+      acc0[r] = _mm256_add_ps(acc0[r], _mm256_loadu_ps(row));
+      acc1[r] = _mm256_add_ps(acc1[r], _mm256_loadu_ps(row + 8));
+    }
+    _mm256_storeu_ps(row, acc0[r]);
+    _mm256_storeu_ps(row + 8, acc1[r]);
+  }
+}
+
+using MicroFn = void (*)(int, const float*, const float*, float*, int64_t, bool);
+constexpr MicroFn kMicro[MR + 1] = {nullptr,          micro_kernel<1>, micro_kernel<2>,
+                                    micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
+                                    micro_kernel<6>};
+
+// Packs rows [k0, k0+kc) x cols [n0, n0+nc) of a strided B into panels of kc x NR.
+void pack_b_block(const float* b, int64_t rs, int64_t cs, int k0, int kc, int n0, int nc,
+                  float* dst) {
+  for (int jp = 0; jp < nc; jp += NR) {
+    const int cols = std::min(NR, nc - jp);
+    float* panel = dst + int64_t(jp / NR) * kc * NR;
+    for (int k = 0; k < kc; ++k) {
+      const float* src = b + int64_t(k0 + k) * rs + int64_t(n0 + jp) * cs;
+      float* out = panel + k * NR;
+      if (cs == 1 && cols == NR) {
+        _mm256_storeu_ps(out, _mm256_loadu_ps(src));
+        _mm256_storeu_ps(out + 8, _mm256_loadu_ps(src + 8));
+      } else {
+        int j = 0;
+        for (; j < cols; ++j) out[j] = src[j * cs];
+        for (; j < NR; ++j) out[j] = 0.0f;
+      }
+    }
+  }
+}
+
+// Packs rows [m0, m0+mc) x cols [k0, k0+kc) of a strided A into panels of kc x MR.
+void pack_a_block(const float* a, int64_t rs, int64_t cs, int m0, int mc, int k0, int kc,
+                  float* dst) {
+  for (int ip = 0; ip < mc; ip += MR) {
+    const int rows = std::min(MR, mc - ip);
+    float* panel = dst + int64_t(ip / MR) * kc * MR;
+    for (int k = 0; k < kc; ++k) {
+      const float* src = a + int64_t(m0 + ip) * rs + int64_t(k0 + k) * cs;
+      float* out = panel + k * MR;
+      int r = 0;
+      for (; r < rows; ++r) out[r] = src[r * rs];
+      for (; r < MR; ++r) out[r] = 0.0f;
+    }
+  }
+}
+
+struct Blocking {
+  int nc;        // columns per task (multiple of NR)
+  int mc;        // rows per task (multiple of MR)
+  int64_t n_blocks, m_blocks;
+};
+
+Blocking choose_blocking(const GemmParams& p, int threads) {
+  Blocking bl;
+  bl.nc = int(std::min<int64_t>(NC, ceil_div(p.N, NR) * NR));
+  bl.n_blocks = ceil_div(p.N, bl.nc);
+  const int64_t base = p.batch * bl.n_blocks;
+  // Split rows too when there are too few column blocks to keep every thread busy; each row
+  // chunk repacks its B block, so keep chunks at least 4 panels tall.
+  int64_t want = threads > 1 ? 4 * int64_t(threads) : 1;
+  int64_t m_panels = ceil_div(p.M, MR);
+  int64_t m_blocks = 1;
+  if (base < want) m_blocks = std::min<int64_t>(ceil_div(want, base), std::max<int64_t>(1, m_panels / 4));
+  bl.mc = int(ceil_div(m_panels, m_blocks) * MR);
+  bl.m_blocks = ceil_div(p.M, bl.mc);
+  return bl;
+}
+
+}  // namespace
+
+void apply_act(Act act, float a, float b, float* y, int64_t n) {
+  int64_t j = 0;
+  switch (act) {
+    case Act::None:
+      return;
+    case Act::Relu:
+      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, simd::relu(_mm256_loadu_ps(y + j)));
+      for (; j < n; ++j) y[j] = simd::relu(y[j]);
+      return;
+    case Act::Clip: {
+      const __m256 lo = _mm256_set1_ps(a), hi = _mm256_set1_ps(b);
+      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, simd::clip(_mm256_loadu_ps(y + j), lo, hi));
+      for (; j < n; ++j) y[j] = simd::clip(y[j], a, b);
+      return;
+    }
+    case Act::LeakyRelu: {
+      const __m256 slope = _mm256_set1_ps(a), zero = _mm256_setzero_ps();
+      for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_loadu_ps(y + j);
+        __m256 neg = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);
+        _mm256_storeu_ps(y + j, _mm256_blendv_ps(v, _mm256_mul_ps(v, slope), neg));
+      }
+      for (; j < n; ++j) y[j] = y[j] < 0.0f ? y[j] * a : y[j];
+      return;
+    }
+    case Act::Sigmoid:
+      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, simd::sigmoid(_mm256_loadu_ps(y + j)));
+      for (; j < n; ++j) y[j] = simd::sigmoid(y[j]);
+      return;
+  }
+}
+
+void apply_epilogue(const Epilogue& ep, const float* res, int i0, int j0, int m, int n, float* c,
+                    int64_t ldc) {
+  const __m256 alpha = _mm256_set1_ps(ep.alpha);
+  const __m256 beta = _mm256_set1_ps(ep.beta);
+  const bool scale = ep.alpha != 1.0f;
+  for (int r = 0; r < m; ++r) {
+    float* row = c + int64_t(r) * ldc;
+    const int i = i0 + r;
+    const float* rres = res ? res + int64_t(i) * ep.res_rs + int64_t(j0) * ep.res_cs : nullptr;
+    const float row_bias = (ep.bias && ep.bias_per_row) ? ep.bias[i] : 0.0f;
+    const float* col_bias = (ep.bias && !ep.bias_per_row) ? ep.bias + j0 : nullptr;
+    int j = 0;
+    if (ep.res_cs == 1 || !rres) {
+      const __m256 rb = _mm256_set1_ps(row_bias);
+      for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_loadu_ps(row + j);
+        if (scale) v = _mm256_mul_ps(v, alpha);
+        v = _mm256_add_ps(v, col_bias ? _mm256_loadu_ps(col_bias + j) : rb);
+        if (rres) v = _mm256_fmadd_ps(beta, _mm256_loadu_ps(rres + j), v);
+        _mm256_storeu_ps(row + j, v);
+      }
+    }
+    for (; j < n; ++j) {
+      float v = row[j] * ep.alpha + (col_bias ? col_bias[j] : row_bias);
+      if (rres) v += ep.beta * rres[int64_t(j) * ep.res_cs];
+      row[j] = v;
+    }
+    apply_act(ep.act, ep.act_a, ep.act_b, row, n);
+  }
+}
+
+size_t packed_a_floats(int M, int K) { return size_t(ceil_div(M, MR)) * MR * size_t(K); }
+size_t packed_b_floats(int K, int N) { return size_t(ceil_div(N, NR)) * NR * size_t(K); }
+
+void pack_a(const float* a, int64_t rs, int64_t cs, int M, int K, float* out) {
+  pack_a_block(a, rs, cs, 0, M, 0, K, out);
+}
+
+void pack_b(const float* b, int64_t rs, int64_t cs, int K, int N, float* out) {
+  pack_b_block(b, rs, cs, 0, K, 0, N, out);
+}
+
+size_t gemm_scratch_floats(const GemmParams& p, int threads) {
+  Blocking bl = choose_blocking(p, threads);
+  size_t need = size_t(MR) * NR;  // edge tile
+  if (!p.b_packed) need += size_t(KC) * bl.nc;
+  if (!p.a_packed) need += size_t(KC) * bl.mc;
+  return need;
+}
+
+void run_gemm(const GemmParams& p, Parallel& par) {
+  if (p.M <= 0 || p.N <= 0 || p.batch <= 0) return;
+  const Blocking bl = choose_blocking(p, par.threads());
+  const int64_t tasks = p.batch * bl.n_blocks * bl.m_blocks;
+
+  auto task = [&](int64_t t, int thread) {
+    const int64_t mb = t % bl.m_blocks;
+    const int64_t nb = (t / bl.m_blocks) % bl.n_blocks;
+    const int64_t bt = t / (bl.m_blocks * bl.n_blocks);
+    const int n0 = int(nb * bl.nc), nc = std::min(bl.nc, p.N - n0);
+    const int m0 = int(mb * bl.mc), mc = std::min(bl.mc, p.M - m0);
+    float* scratch = par.scratch(thread);
+    float* tile = scratch;
+    float* bbuf = tile + MR * NR;
+    float* abuf = bbuf + (p.b_packed ? 0 : size_t(KC) * bl.nc);
+    float* cbase = p.c + bt * p.c_bs;
+    const float* res = p.ep.residual ? p.ep.residual + bt * p.ep.res_bs : nullptr;
+
+    if (p.K == 0) {  // empty product: the epilogue alone defines C
+      for (int i = 0; i < mc; ++i) std::fill_n(cbase + int64_t(m0 + i) * p.ldc + n0, nc, 0.0f);
+      apply_epilogue(p.ep, res, m0, n0, mc, nc, cbase + int64_t(m0) * p.ldc + n0, p.ldc);
+      return;
+    }
+    for (int k0 = 0; k0 < p.K; k0 += KC) {
+      const int kc = std::min(KC, p.K - k0);
+      const bool accumulate = k0 > 0, last = k0 + kc >= p.K;
+      // B micro-panels for this block: pointer to the first and the stride between panels.
+      const float* bblk;
+      int64_t bstride;
+      if (p.b_packed) {
+        bblk = p.b_packed + int64_t(n0 / NR) * p.K * NR + int64_t(k0) * NR;
+        bstride = int64_t(p.K) * NR;
+      } else {
+        if (p.pack_b_fn)
+          p.pack_b_fn(p.pack_b_ctx, bt, k0, kc, n0, nc, bbuf);
+        else
+          pack_b_block(p.b + bt * p.b_bs, p.b_rs, p.b_cs, k0, kc, n0, nc, bbuf);
+        bblk = bbuf;
+        bstride = int64_t(kc) * NR;
+      }
+      const float* ablk;
+      int64_t astride;
+      if (p.a_packed) {
+        ablk = p.a_packed + int64_t(m0 / MR) * p.K * MR + int64_t(k0) * MR;
+        astride = int64_t(p.K) * MR;
+      } else {
+        pack_a_block(p.a + bt * p.a_bs, p.a_rs, p.a_cs, m0, mc, k0, kc, abuf);
+        ablk = abuf;
+        astride = int64_t(kc) * MR;
+      }
+      for (int jp = 0; jp < nc; jp += NR) {
+        const int cols = std::min(NR, nc - jp);
+        const float* bp = bblk + int64_t(jp / NR) * bstride;
+        for (int ip = 0; ip < mc; ip += MR) {
+          const int rows = std::min(MR, mc - ip);
+          const float* ap = ablk + int64_t(ip / MR) * astride;
+          float* cp = cbase + int64_t(m0 + ip) * p.ldc + n0 + jp;
+          if (cols == NR) {
+            kMicro[rows](kc, ap, bp, cp, p.ldc, accumulate);
+          } else {
+            if (accumulate)
+              for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));
+            kMicro[rows](kc, ap, bp, tile, NR, accumulate);
+            for (int r = 0; r < rows; ++r) std::memcpy(cp + r * p.ldc, tile + r * NR, cols * sizeof(float));
+          }
+          if (last) apply_epilogue(p.ep, res, m0 + ip, n0 + jp, rows, cols, cp, p.ldc);
+        }
+      }
+    }
+  };
+  par.run(tasks, task);
+}
+
+}  // namespace cbir::cpu

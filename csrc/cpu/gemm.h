@@ -1,0 +1,79 @@
+// Single-precision GEMM with packed operands and a fused epilogue, the workhorse behind Conv,
+// Gemm and MatMul. C[M,N] = act(alpha * A[M,K] @ B[K,N] + bias + beta * residual).
+//
+// Packed layouts (both zero-padded to whole panels):
+//   A: ceil(M/MR) panels, each K x MR floats, element (i, k) at panel(i/MR)[k*MR + i%MR]
+//   B: ceil(N/NR) panels, each K x NR floats, element (k, j) at panel(j/NR)[k*NR + j%NR]
+// Weights are packed once at load time; activations are packed block by block into the
+// per-thread scratch, so the hot path allocates nothing.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/parallel.h"
+
+namespace cbir::cpu {
+
+constexpr int kGemmMR = 6;
+constexpr int kGemmNR = 16;
+constexpr int kGemmKC = 256;  // K block: an A micro-panel and a B micro-panel stay in L1
+
+enum class Act : int32_t { None = 0, Relu = 1, Clip = 2, LeakyRelu = 3, Sigmoid = 4 };
+
+// What happens to each output element after the dot product.
+struct Epilogue {
+  float alpha = 1.0f;
+  const float* bias = nullptr;  // length M (bias_per_row) or N
+  bool bias_per_row = true;
+  const float* residual = nullptr;  // element (i, j) at residual[i*res_rs + j*res_cs]
+  int64_t res_rs = 0, res_cs = 0, res_bs = 0;  // res_bs: per batch entry
+  float beta = 1.0f;
+  Act act = Act::None;
+  float act_a = 0.0f, act_b = 0.0f;  // Clip: [a, b]; LeakyRelu: slope a
+};
+
+// Applies `ep` to rows [0, m) x cols [0, n) of the tile at c (row stride ldc), whose top-left
+// element is (i0, j0) of the whole output; `res` is the residual base for this batch entry.
+void apply_epilogue(const Epilogue& ep, const float* res, int i0, int j0, int m, int n, float* c,
+                    int64_t ldc);
+// Same activation on a flat array, for standalone activation kernels.
+void apply_act(Act act, float a, float b, float* y, int64_t n);
+
+size_t packed_a_floats(int M, int K);
+size_t packed_b_floats(int K, int N);
+// Packs A (element (i, k) at a[i*rs + k*cs]) into the layout above.
+void pack_a(const float* a, int64_t rs, int64_t cs, int M, int K, float* out);
+// Packs B (element (k, j) at b[k*rs + j*cs]) into the layout above.
+void pack_b(const float* b, int64_t rs, int64_t cs, int K, int N, float* out);
+
+// Fills a packed B block: rows [k0, k0+kc), columns [n0, n0+nc) of batch entry `batch`,
+// written as ceil(nc/NR) panels of kc x NR floats (zero padded). Lets Conv pack im2col columns
+// straight from the image without materialising the im2col matrix.
+using PackBFn = void (*)(const void* ctx, int64_t batch, int k0, int kc, int n0, int nc,
+                         float* dst);
+
+struct GemmParams {
+  int M = 0, N = 0, K = 0;
+  int64_t batch = 1;
+  // A: prepacked (a_packed, same for every batch entry) or strided (a, a_rs, a_cs, a_bs).
+  const float* a_packed = nullptr;
+  const float* a = nullptr;
+  int64_t a_rs = 0, a_cs = 0, a_bs = 0;
+  // B: prepacked (b_packed), strided (b, b_rs, b_cs, b_bs) or a custom packer.
+  const float* b_packed = nullptr;
+  const float* b = nullptr;
+  int64_t b_rs = 0, b_cs = 0, b_bs = 0;
+  PackBFn pack_b_fn = nullptr;
+  const void* pack_b_ctx = nullptr;
+  // C: element (i, j) of batch entry t at c[t*c_bs + i*ldc + j].
+  float* c = nullptr;
+  int64_t ldc = 0, c_bs = 0;
+  Epilogue ep;
+};
+
+// Per-thread scratch the call needs (floats).
+size_t gemm_scratch_floats(const GemmParams& p, int threads);
+void run_gemm(const GemmParams& p, Parallel& par);
+
+}  // namespace cbir::cpu

@@ -1,0 +1,459 @@
+#include "runtime/executor.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <new>
+#include <stdexcept>
+
+#include "cpu/conv.h"
+#include "cpu/gemm.h"
+#include "cpu/ops.h"
+
+namespace cbir::runtime {
+
+int64_t TensorRef::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+namespace {
+
+using cpu::Act;
+
+// Reads a step's integer and float arguments in order, refusing to read past the end.
+class Args {
+ public:
+  Args(const StepSpec& s, Executor& ex) : s_(s), ex_(ex) {}
+  int64_t i() {
+    if (ii_ >= s_.ints.size()) fail("too few integer arguments");
+    return s_.ints[ii_++];
+  }
+  int i32() { return int(i()); }
+  float f() {
+    if (fi_ >= s_.floats.size()) fail("too few float arguments");
+    return float(s_.floats[fi_++]);
+  }
+  const TensorRef& t(size_t k) const {
+    if (k >= s_.tensors.size()) fail("too few tensors");
+    return s_.tensors[k];
+  }
+  size_t tensors() const { return s_.tensors.size(); }
+  // Pointer of tensor k, or null when it is absent.
+  float* p(size_t k) { return t(k).present ? ex_.tensor_ptr(t(k)) : nullptr; }
+  float* need(size_t k) {
+    if (!t(k).present) fail("tensor " + std::to_string(k) + " missing");
+    return ex_.tensor_ptr(t(k));
+  }
+  const std::vector<int64_t>& shape(size_t k) const { return t(k).shape; }
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::invalid_argument("step '" + s_.kernel + "': " + what);
+  }
+
+ private:
+  const StepSpec& s_;
+  Executor& ex_;
+  size_t ii_ = 0, fi_ = 0;
+};
+
+void read_dims(Args& a, int rank, int64_t* out) {
+  if (rank < 0 || rank > cpu::kMaxRank) a.fail("rank out of range");
+  for (int d = 0; d < rank; ++d) out[d] = a.i();
+}
+
+template <typename P, void (*Fn)(const P&, cpu::Parallel&)>
+class SimpleStep final : public Step {
+ public:
+  explicit SimpleStep(const P& p) : p_(p) {}
+  void run(cpu::Parallel& par) override { Fn(p_, par); }
+
+ private:
+  P p_;
+};
+template <typename P, void (*Fn)(const P&, cpu::Parallel&)>
+std::unique_ptr<Step> simple(const P& p) {
+  return std::make_unique<SimpleStep<P, Fn>>(p);
+}
+
+class ConvStep final : public Step {
+ public:
+  ConvStep(const cpu::Conv2dParams& p, bool depthwise) : p_(p), depthwise_(depthwise) {}
+  void run(cpu::Parallel& par) override {
+    if (depthwise_) cpu::run_depthwise_conv2d(p_, par);
+    else cpu::run_conv2d(p_, par);
+  }
+  size_t scratch_floats(int threads) const override {
+    return depthwise_ ? 0 : cpu::conv2d_scratch_floats(p_, threads);
+  }
+
+ private:
+  cpu::Conv2dParams p_;
+  bool depthwise_;
+};
+
+std::unique_ptr<Step> make_conv2d(Args& a) {
+  cpu::Conv2dParams p;
+  const auto& xs = a.shape(0);
+  const auto& ys = a.shape(4);
+  if (xs.size() != 4 || ys.size() != 4) a.fail("x and y must be 4-D");
+  p.N = int(xs[0]), p.C = int(xs[1]), p.H = int(xs[2]), p.W = int(xs[3]);
+  p.K = int(ys[1]), p.OH = int(ys[2]), p.OW = int(ys[3]);
+  p.KH = a.i32(), p.KW = a.i32(), p.SH = a.i32(), p.SW = a.i32();
+  p.PT = a.i32(), p.PL = a.i32(), p.DH = a.i32(), p.DW = a.i32();
+  p.groups = a.i32();
+  p.act = Act(a.i32());
+  const bool depthwise = a.i() != 0;
+  p.act_a = a.f(), p.act_b = a.f();
+  if (p.groups <= 0 || p.C % p.groups || p.K % p.groups) a.fail("bad groups");
+  p.x = a.need(0), p.w = a.need(1), p.bias = a.p(2), p.residual = a.p(3), p.y = a.need(4);
+  const int64_t wn = a.t(1).numel();
+  const int64_t want = depthwise ? int64_t(p.K) * p.KH * p.KW
+                                 : int64_t(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
+  if (wn != want) a.fail("packed weight has " + std::to_string(wn) + " floats, expected " + std::to_string(want));
+  return std::make_unique<ConvStep>(p, depthwise);
+}
+
+// General (batched, broadcast) GEMM; one run_gemm per batch index when the batch dims do not
+// collapse into one stride.
+class GemmStep final : public Step {
+ public:
+  GemmStep(const cpu::GemmParams& base, int nb, const int64_t* bshape, const int64_t* as,
+           const int64_t* bs, const int64_t* rs)
+      : base_(base), nb_(nb) {
+    for (int d = 0; d < nb; ++d) bshape_[d] = bshape[d], as_[d] = as[d], bs_[d] = bs[d], rs_[d] = rs[d];
+    batches_ = 1;
+    for (int d = 0; d < nb; ++d) batches_ *= bshape_[d];
+  }
+  void run(cpu::Parallel& par) override {
+    if (nb_ == 0) {
+      cpu::run_gemm(base_, par);
+      return;
+    }
+    const int64_t cstride = int64_t(base_.M) * base_.N;
+    for (int64_t t = 0; t < batches_; ++t) {
+      int64_t oa = 0, ob = 0, orr = 0, rem = t;
+      for (int d = nb_ - 1; d >= 0; --d) {
+        const int64_t i = rem % bshape_[d];
+        rem /= bshape_[d];
+        oa += i * as_[d], ob += i * bs_[d], orr += i * rs_[d];
+      }
+      cpu::GemmParams g = base_;
+      if (g.a) g.a += oa;
+      if (g.b) g.b += ob;
+      if (g.ep.residual) g.ep.residual += orr;
+      g.c += t * cstride;
+      cpu::run_gemm(g, par);
+    }
+  }
+  size_t scratch_floats(int threads) const override { return cpu::gemm_scratch_floats(base_, threads); }
+
+ private:
+  cpu::GemmParams base_;
+  int nb_;
+  int64_t bshape_[cpu::kMaxRank] = {}, as_[cpu::kMaxRank] = {}, bs_[cpu::kMaxRank] = {}, rs_[cpu::kMaxRank] = {};
+  int64_t batches_;
+};
+
+std::unique_ptr<Step> make_gemm(Args& a) {
+  cpu::GemmParams g;
+  g.M = a.i32(), g.N = a.i32(), g.K = a.i32();
+  const bool a_packed = a.i() != 0;
+  g.a_rs = a.i(), g.a_cs = a.i();
+  const bool b_packed = a.i() != 0;
+  g.b_rs = a.i(), g.b_cs = a.i();
+  const int bias_mode = a.i32();
+  g.ep.res_rs = a.i(), g.ep.res_cs = a.i();
+  g.ep.act = Act(a.i32());
+  const int nb = a.i32();
+  int64_t bshape[cpu::kMaxRank], as[cpu::kMaxRank], bs[cpu::kMaxRank], rs[cpu::kMaxRank];
+  read_dims(a, nb, bshape);
+  read_dims(a, nb, as);
+  read_dims(a, nb, bs);
+  read_dims(a, nb, rs);
+  g.ep.alpha = a.f(), g.ep.beta = a.f(), g.ep.act_a = a.f(), g.ep.act_b = a.f();
+  float* pa = a.need(0);
+  float* pb = a.need(1);
+  if (a_packed) {
+    if (a.t(0).numel() != int64_t(cpu::packed_a_floats(g.M, g.K))) a.fail("packed A has the wrong size");
+    g.a_packed = pa;
+  } else {
+    g.a = pa;
+  }
+  if (b_packed) {
+    if (a.t(1).numel() != int64_t(cpu::packed_b_floats(g.K, g.N))) a.fail("packed B has the wrong size");
+    g.b_packed = pb;
+  } else {
+    g.b = pb;
+  }
+  g.ep.bias = a.p(2);
+  g.ep.bias_per_row = bias_mode == 1;
+  if (!g.ep.bias != (bias_mode == 0)) a.fail("bias mode and bias tensor disagree");
+  g.ep.residual = a.p(3);
+  g.c = a.need(4);
+  g.ldc = g.N;
+  g.c_bs = int64_t(g.M) * g.N;
+  return std::make_unique<GemmStep>(g, nb, bshape, as, bs, rs);
+}
+
+cpu::Pool2dParams read_pool(Args& a) {
+  cpu::Pool2dParams p;
+  const auto& xs = a.shape(0);
+  const auto& ys = a.shape(1);
+  if (xs.size() != 4 || ys.size() != 4) a.fail("x and y must be 4-D");
+  p.N = int(xs[0]), p.C = int(xs[1]), p.H = int(xs[2]), p.W = int(xs[3]);
+  p.OH = int(ys[2]), p.OW = int(ys[3]);
+  p.KH = a.i32(), p.KW = a.i32(), p.SH = a.i32(), p.SW = a.i32();
+  p.PT = a.i32(), p.PL = a.i32(), p.PB = a.i32(), p.PR = a.i32();
+  p.DH = a.i32(), p.DW = a.i32();
+  p.count_include_pad = a.i() != 0;
+  p.x = a.need(0), p.y = a.need(1);
+  return p;
+}
+
+class GlobalPoolStep final : public Step {
+ public:
+  GlobalPoolStep(cpu::GlobalPool k, int64_t outer, int64_t inner, const float* x, float* y)
+      : k_(k), outer_(outer), inner_(inner), x_(x), y_(y) {}
+  void run(cpu::Parallel& par) override { cpu::run_global_pool(k_, outer_, inner_, x_, y_, par); }
+
+ private:
+  cpu::GlobalPool k_;
+  int64_t outer_, inner_;
+  const float* x_;
+  float* y_;
+};
+
+class ConcatStep final : public Step {
+ public:
+  ConcatStep(int64_t outer, std::vector<const float*> in, std::vector<int64_t> chunks, float* y)
+      : in_(std::move(in)), chunks_(std::move(chunks)) {
+    p_.outer = outer;
+    p_.count = int(in_.size());
+    p_.inputs = in_.data();
+    p_.chunks = chunks_.data();
+    p_.y = y;
+  }
+  void run(cpu::Parallel& par) override { cpu::run_concat(p_, par); }
+
+ private:
+  std::vector<const float*> in_;
+  std::vector<int64_t> chunks_;
+  cpu::ConcatParams p_;
+};
+
+class CopyStep final : public Step {
+ public:
+  CopyStep(const float* x, float* y, int64_t n) : x_(x), y_(y), n_(n) {}
+  void run(cpu::Parallel&) override {
+    if (x_ != y_) std::memmove(y_, x_, size_t(n_) * sizeof(float));
+  }
+
+ private:
+  const float* x_;
+  float* y_;
+  int64_t n_;
+};
+
+using Builder = std::function<std::unique_ptr<Step>(Args&)>;
+
+const std::map<std::string, Builder>& builders() {
+  static const std::map<std::string, Builder> table = {
+      {"conv2d", make_conv2d},
+      {"gemm", make_gemm},
+      {"maxpool2d", [](Args& a) { return simple<cpu::Pool2dParams, cpu::run_maxpool2d>(read_pool(a)); }},
+      {"avgpool2d", [](Args& a) { return simple<cpu::Pool2dParams, cpu::run_avgpool2d>(read_pool(a)); }},
+      {"global_pool",
+       [](Args& a) -> std::unique_ptr<Step> {
+         const auto& xs = a.shape(0);
+         if (xs.size() < 2) a.fail("x must have at least 2 dims");
+         int64_t inner = 1;
+         for (size_t d = 2; d < xs.size(); ++d) inner *= xs[d];
+         return std::make_unique<GlobalPoolStep>(cpu::GlobalPool(a.i32()), xs[0] * xs[1], inner, a.need(0), a.need(1));
+       }},
+      {"lrn",
+       [](Args& a) {
+         cpu::LrnParams p;
+         const auto& xs = a.shape(0);
+         if (xs.size() < 2) a.fail("x must have at least 2 dims");
+         p.N = xs[0], p.C = xs[1], p.HW = 1;
+         for (size_t d = 2; d < xs.size(); ++d) p.HW *= xs[d];
+         p.size = a.i32();
+         p.alpha = a.f(), p.beta = a.f(), p.bias = a.f();
+         p.x = a.need(0), p.y = a.need(1);
+         return simple<cpu::LrnParams, cpu::run_lrn>(p);
+       }},
+      {"unary",
+       [](Args& a) {
+         cpu::UnaryParams p;
+         p.op = cpu::Unary(a.i32());
+         p.a = a.f(), p.b = a.f();
+         p.n = a.t(0).numel();
+         p.x = a.need(0), p.y = a.need(1);
+         return simple<cpu::UnaryParams, cpu::run_unary>(p);
+       }},
+      {"binary",
+       [](Args& a) {
+         cpu::BinaryParams p;
+         p.op = cpu::Binary(a.i32());
+         p.act = Act(a.i32());
+         p.rank = a.i32();
+         read_dims(a, p.rank, p.shape);
+         read_dims(a, p.rank, p.a_strides);
+         read_dims(a, p.rank, p.b_strides);
+         p.act_a = a.f(), p.act_b = a.f();
+         p.a = a.need(0), p.b = a.need(1), p.y = a.need(2);
+         return simple<cpu::BinaryParams, cpu::run_binary>(p);
+       }},
+      {"channel_affine",
+       [](Args& a) {
+         cpu::ChannelAffineParams p;
+         const auto& xs = a.shape(0);
+         if (xs.size() < 2) a.fail("x must have at least 2 dims");
+         p.N = xs[0], p.C = xs[1], p.inner = 1;
+         for (size_t d = 2; d < xs.size(); ++d) p.inner *= xs[d];
+         p.act = Act(a.i32());
+         p.act_a = a.f(), p.act_b = a.f();
+         p.x = a.need(0), p.scale = a.need(1), p.shift = a.need(2), p.y = a.need(3);
+         return simple<cpu::ChannelAffineParams, cpu::run_channel_affine>(p);
+       }},
+      {"reduce",
+       [](Args& a) {
+         cpu::ReduceParams p;
+         p.op = cpu::Reduce(a.i32());
+         p.rank = a.i32();
+         read_dims(a, p.rank, p.shape);
+         int64_t flags[cpu::kMaxRank];
+         read_dims(a, p.rank, flags);
+         for (int d = 0; d < p.rank; ++d) p.reduced[d] = flags[d] != 0;
+         p.x = a.need(0), p.y = a.need(1);
+         return simple<cpu::ReduceParams, cpu::run_reduce>(p);
+       }},
+      {"softmax",
+       [](Args& a) {
+         cpu::SoftmaxParams p;
+         p.outer = a.i(), p.axis = a.i(), p.inner = a.i(), p.log = a.i() != 0;
+         p.x = a.need(0), p.y = a.need(1);
+         return simple<cpu::SoftmaxParams, cpu::run_softmax>(p);
+       }},
+      {"lp_normalize",
+       [](Args& a) {
+         cpu::LpNormParams p;
+         p.outer = a.i(), p.axis = a.i(), p.inner = a.i(), p.p = a.i32();
+         p.x = a.need(0), p.y = a.need(1);
+         return simple<cpu::LpNormParams, cpu::run_lp_normalize>(p);
+       }},
+      {"concat",
+       [](Args& a) -> std::unique_ptr<Step> {
+         const int64_t outer = a.i();
+         const size_t n = a.tensors() - 1;
+         std::vector<const float*> in;
+         std::vector<int64_t> chunks;
+         for (size_t k = 0; k < n; ++k) {
+           chunks.push_back(a.i());
+           in.push_back(a.need(k));
+         }
+         return std::make_unique<ConcatStep>(outer, std::move(in), std::move(chunks), a.need(n));
+       }},
+      {"transpose",
+       [](Args& a) {
+         cpu::TransposeParams p;
+         p.rank = a.i32();
+         read_dims(a, p.rank, p.shape);
+         int64_t perm[cpu::kMaxRank];
+         read_dims(a, p.rank, perm);
+         for (int d = 0; d < p.rank; ++d) p.perm[d] = int(perm[d]);
+         p.x = a.need(0), p.y = a.need(1);
+         return simple<cpu::TransposeParams, cpu::run_transpose>(p);
+       }},
+      {"pad",
+       [](Args& a) {
+         cpu::PadParams p;
+         p.mode = cpu::PadMode(a.i32());
+         p.rank = a.i32();
+         read_dims(a, p.rank, p.shape);
+         read_dims(a, p.rank, p.begin);
+         read_dims(a, p.rank, p.end);
+         p.value = a.f();
+         p.x = a.need(0), p.y = a.need(1);
+         return simple<cpu::PadParams, cpu::run_pad>(p);
+       }},
+      {"copy",
+       [](Args& a) -> std::unique_ptr<Step> {
+         if (a.t(0).numel() != a.t(1).numel()) a.fail("copy between tensors of different sizes");
+         return std::make_unique<CopyStep>(a.need(0), a.need(1), a.t(0).numel());
+       }},
+  };
+  return table;
+}
+
+}  // namespace
+
+void Executor::AlignedFree::operator()(char* p) const { std::free(p); }
+
+std::vector<std::string> kernel_names() {
+  std::vector<std::string> out;
+  for (const auto& kv : builders()) out.push_back(kv.first);
+  return out;
+}
+
+Executor::Executor(int threads, int64_t arena_bytes, std::vector<ConstantData> constants,
+                   const std::vector<StepSpec>& steps, std::vector<TensorRef> inputs,
+                   std::vector<TensorRef> outputs)
+    : pool_(threads),
+      arena_bytes_(arena_bytes),
+      constants_(std::move(constants)),
+      inputs_(std::move(inputs)),
+      outputs_(std::move(outputs)) {
+  if (arena_bytes < 0) throw std::invalid_argument("negative arena size");
+  void* mem = std::aligned_alloc(64, size_t((arena_bytes + 63) / 64 * 64 + 64));
+  if (!mem) throw std::bad_alloc();
+  arena_.reset(static_cast<char*>(mem));
+  for (const auto& t : inputs_)
+    if (t.is_const) throw std::invalid_argument("an input cannot be a constant");
+  for (const auto& t : outputs_) tensor_ptr(t);  // validates the reference
+  size_t scratch = 0;
+  for (const auto& spec : steps) {
+    auto it = builders().find(spec.kernel);
+    if (it == builders().end()) throw std::invalid_argument("unknown kernel '" + spec.kernel + "'");
+    Args args(spec, *this);
+    steps_.push_back(it->second(args));
+    scratch = std::max(scratch, steps_.back()->scratch_floats(pool_.threads()));
+  }
+  pool_.reserve_scratch(scratch);
+}
+
+float* Executor::tensor_ptr(const TensorRef& t) {
+  if (t.is_const) {
+    if (t.offset < 0 || size_t(t.offset) >= constants_.size())
+      throw std::invalid_argument("constant index out of range");
+    const ConstantData& c = constants_[size_t(t.offset)];
+    if (c.numel != t.numel())
+      throw std::invalid_argument("constant " + std::to_string(t.offset) + " has " +
+                                  std::to_string(c.numel) + " floats, the step expects " +
+                                  std::to_string(t.numel()));
+    return const_cast<float*>(c.data);
+  }
+  const int64_t bytes = t.numel() * int64_t(sizeof(float));
+  if (t.offset < 0 || t.offset % int64_t(sizeof(float)) || t.offset + bytes > arena_bytes_)
+    throw std::invalid_argument("tensor outside the arena");
+  return reinterpret_cast<float*>(arena_.get() + t.offset);
+}
+
+void Executor::run_steps(std::vector<int64_t>* times_ns) {
+  using clock = std::chrono::steady_clock;
+  if (times_ns) times_ns->assign(steps_.size(), 0);
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    if (times_ns) {
+      auto t0 = clock::now();
+      steps_[i]->run(pool_);
+      (*times_ns)[i] = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
+    } else {
+      steps_[i]->run(pool_);
+    }
+  }
+}
+
+}  // namespace cbir::runtime

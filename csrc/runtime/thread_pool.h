@@ -1,0 +1,59 @@
+// A small fork-join pool: the caller works as thread 0, workers 1..n-1 wait on a condition
+// variable between jobs and spin briefly first, since jobs in a network come back to back.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "cpu/parallel.h"
+
+namespace cbir::runtime {
+
+class ThreadPool final : public cpu::Parallel {
+ public:
+  explicit ThreadPool(int threads);
+  ~ThreadPool() override;
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int threads() const override { return nthreads_; }
+  void run(int64_t n, cpu::TaskFn fn) override;
+  float* scratch(int thread) override { return scratch_.get() + size_t(thread) * scratch_stride_; }
+  size_t scratch_floats() const override { return scratch_floats_; }
+  // Grows every thread's scratch to at least `floats` (never on the hot path: called at build).
+  void reserve_scratch(size_t floats);
+
+ private:
+  struct AlignedFree {
+    void operator()(float* p) const;
+  };
+  void worker(int id);
+  void work(int thread);
+
+  int nthreads_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::condition_variable done_cv_;
+  uint64_t generation_ = 0;  // guarded by mu_; bumped per job
+  bool stop_ = false;
+  // The current job.
+  cpu::TaskFn* job_ = nullptr;
+  int64_t job_n_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> published_{0};  // generation visible to spinning workers
+
+  std::unique_ptr<float[], AlignedFree> scratch_;
+  size_t scratch_floats_ = 0;
+  size_t scratch_stride_ = 0;
+};
+
+// Default thread count: the CPUs this process may run on.
+int default_threads();
+
+}  // namespace cbir::runtime
