@@ -13,6 +13,8 @@
 #include "cpu/gemm.h"
 #include "runtime/executor.h"
 #include "runtime/thread_pool.h"
+// ---- hamming index includes (owned by the Hamming index work) ----
+// ---- end hamming index includes ----
 
 namespace py = pybind11;
 using cbir::runtime::Executor;
@@ -180,4 +182,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("threads", [](const PyExecutor& s) { return s.ex->threads(); })
       .def_property_readonly("arena_bytes", [](const PyExecutor& s) { return s.ex->arena_bytes(); })
       .def_property_readonly("num_steps", [](const PyExecutor& s) { return s.ex->num_steps(); });
+
+  // ---- hamming index entries (owned by the Hamming index work) ----
+  // ---- end hamming index entries ----
 }
