@@ -1,0 +1,74 @@
+"""cbir-engine: CNN-based image retrieval, from ONNX models to ranked results.
+
+    import cbir_engine
+    engine = cbir_engine.load("resnet50.onnx")
+    descriptors = engine(images)          # numpy in, numpy out (torch in, torch out)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cbir_engine.errors import (
+    CbirError,
+    DTypeError,
+    IndexFileError,
+    ModelFormatError,
+    NonFiniteError,
+    PlanFileError,
+    ShapeError,
+    UnsupportedOpError,
+)
+from cbir_engine.runtime import Engine
+
+__version__ = "0.1.0"
+
+
+def load(
+    model: str | os.PathLike | bytes | Any,
+    device: str = "cpu",
+    threads: int | None = None,
+    *,
+    check_finite: bool = False,
+    optimize: bool = True,
+) -> Engine:
+    """Loads an ONNX model (path, bytes or onnx.ModelProto), optimises it and returns an Engine.
+
+    threads: worker threads for the kernels (default: the CPUs this process may use).
+    check_finite: raise NonFiniteError when an input or output holds NaN or infinity.
+    optimize: run the fusion passes (constant folding and BN folding always run).
+    """
+    from cbir_engine.graph.passes import optimize as run_passes
+    from cbir_engine.onnx.importer import import_model, read_model
+
+    proto = read_model(model)
+    graph, opset = import_model(proto)
+    del proto
+    run_passes(graph, fuse=optimize)
+    return Engine(graph, threads=threads, check_finite=check_finite, device=device, opset=opset)
+
+
+def supported_ops() -> dict[str, str]:
+    """ONNX operators the importer accepts: 'kernel' (run on the CPU) or 'fold' (constant-folded
+    shape computations that must not depend on run-time data), with their schema versions."""
+    from cbir_engine.onnx.registry import REGISTRY
+
+    return {
+        name: f"{'fold' if op.fold_only else 'kernel'} (versions {', '.join(map(str, op.versions))})"
+        for name, op in sorted(REGISTRY.items())
+    }
+
+
+def from_torch(module: Any, example_input: Any, **kwargs: Any) -> Engine:
+    """Exports a torch module to ONNX (batch dim dynamic) and loads it: the drop-in path."""
+    from cbir_engine.torch_backend import from_torch as _from_torch
+
+    return _from_torch(module, example_input, **kwargs)
+
+
+__all__ = [
+    "CbirError", "DTypeError", "Engine", "IndexFileError", "ModelFormatError", "NonFiniteError",
+    "PlanFileError", "ShapeError", "UnsupportedOpError", "from_torch", "load", "supported_ops",
+    "__version__",
+]

@@ -138,8 +138,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("b"), "packs a [K, N] matrix (any strides) as the GEMM B operand");
 
+  py::class_<cbir::runtime::ThreadPool, std::shared_ptr<cbir::runtime::ThreadPool>>(m, "ThreadPool")
+      .def(py::init([](int threads) {
+             if (threads < 0) throw py::value_error("threads must be >= 0 (0: all CPUs)");
+             return std::make_shared<cbir::runtime::ThreadPool>(threads);
+           }),
+           py::arg("threads") = 0)
+      .def_property_readonly("threads", &cbir::runtime::ThreadPool::threads);
+
   py::class_<PyExecutor>(m, "Executor")
-      .def(py::init([](int threads, int64_t arena_bytes, const py::list& constants, const py::list& steps,
+      .def(py::init([](std::shared_ptr<cbir::runtime::ThreadPool> pool, int64_t arena_bytes, const py::list& constants, const py::list& steps,
                        const py::list& inputs, const py::list& outputs) {
              auto self = std::make_unique<PyExecutor>();
              std::vector<cbir::runtime::ConstantData> consts;
@@ -163,11 +171,12 @@ PYBIND11_MODULE(_C, m) {
              std::vector<TensorRef> ins, outs;
              for (const auto& r : inputs) ins.push_back(to_ref(r));
              for (const auto& r : outputs) outs.push_back(to_ref(r));
-             self->ex = std::make_unique<Executor>(threads, arena_bytes, std::move(consts), specs,
+             if (!pool) throw py::value_error("pool must be a ThreadPool");
+             self->ex = std::make_unique<Executor>(std::move(pool), arena_bytes, std::move(consts), specs,
                                                    std::move(ins), std::move(outs));
              return self;
            }),
-           py::arg("threads"), py::arg("arena_bytes"), py::arg("constants"), py::arg("steps"),
+           py::arg("pool"), py::arg("arena_bytes"), py::arg("constants"), py::arg("steps"),
            py::arg("inputs"), py::arg("outputs"))
       .def("run", [](PyExecutor& self, const py::list& inputs) { return self.run(inputs, nullptr); },
            py::arg("inputs"), "copies the inputs in, runs every step, returns new output arrays")

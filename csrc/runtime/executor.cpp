@@ -80,8 +80,16 @@ std::unique_ptr<Step> simple(const P& p) {
 
 class ConvStep final : public Step {
  public:
-  ConvStep(const cpu::Conv2dParams& p, bool depthwise) : p_(p), depthwise_(depthwise) {}
+  // `raw_weight` set: the weight is computed at run time and packed on every run into `packed_`.
+  ConvStep(const cpu::Conv2dParams& p, bool depthwise, const float* raw_weight)
+      : p_(p), depthwise_(depthwise), raw_(raw_weight) {
+    if (raw_) {
+      packed_.resize(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
+      p_.w = packed_.data();
+    }
+  }
   void run(cpu::Parallel& par) override {
+    if (raw_) cpu::pack_conv2d_weight(raw_, p_.K, p_.C / p_.groups, p_.KH, p_.KW, p_.groups, packed_.data());
     if (depthwise_) cpu::run_depthwise_conv2d(p_, par);
     else cpu::run_conv2d(p_, par);
   }
@@ -92,6 +100,8 @@ class ConvStep final : public Step {
  private:
   cpu::Conv2dParams p_;
   bool depthwise_;
+  const float* raw_;
+  std::vector<float> packed_;
 };
 
 std::unique_ptr<Step> make_conv2d(Args& a) {
@@ -106,14 +116,17 @@ std::unique_ptr<Step> make_conv2d(Args& a) {
   p.groups = a.i32();
   p.act = Act(a.i32());
   const bool depthwise = a.i() != 0;
+  const bool prepacked = a.i() != 0;
   p.act_a = a.f(), p.act_b = a.f();
   if (p.groups <= 0 || p.C % p.groups || p.K % p.groups) a.fail("bad groups");
   p.x = a.need(0), p.w = a.need(1), p.bias = a.p(2), p.residual = a.p(3), p.y = a.need(4);
   const int64_t wn = a.t(1).numel();
-  const int64_t want = depthwise ? int64_t(p.K) * p.KH * p.KW
-                                 : int64_t(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
-  if (wn != want) a.fail("packed weight has " + std::to_string(wn) + " floats, expected " + std::to_string(want));
-  return std::make_unique<ConvStep>(p, depthwise);
+  const int64_t raw = int64_t(p.K) * (p.C / p.groups) * p.KH * p.KW;
+  const int64_t want = (depthwise || !prepacked)
+                           ? raw
+                           : int64_t(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
+  if (wn != want) a.fail("weight has " + std::to_string(wn) + " floats, expected " + std::to_string(want));
+  return std::make_unique<ConvStep>(p, depthwise, (depthwise || prepacked) ? nullptr : p.w);
 }
 
 // General (batched, broadcast) GEMM; one run_gemm per batch index when the batch dims do not
@@ -399,10 +412,10 @@ std::vector<std::string> kernel_names() {
   return out;
 }
 
-Executor::Executor(int threads, int64_t arena_bytes, std::vector<ConstantData> constants,
+Executor::Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::vector<ConstantData> constants,
                    const std::vector<StepSpec>& steps, std::vector<TensorRef> inputs,
                    std::vector<TensorRef> outputs)
-    : pool_(threads),
+    : pool_(std::move(pool)),
       arena_bytes_(arena_bytes),
       constants_(std::move(constants)),
       inputs_(std::move(inputs)),
@@ -420,9 +433,9 @@ Executor::Executor(int threads, int64_t arena_bytes, std::vector<ConstantData> c
     if (it == builders().end()) throw std::invalid_argument("unknown kernel '" + spec.kernel + "'");
     Args args(spec, *this);
     steps_.push_back(it->second(args));
-    scratch = std::max(scratch, steps_.back()->scratch_floats(pool_.threads()));
+    scratch = std::max(scratch, steps_.back()->scratch_floats(pool_->threads()));
   }
-  pool_.reserve_scratch(scratch);
+  pool_->reserve_scratch(scratch);
 }
 
 float* Executor::tensor_ptr(const TensorRef& t) {
@@ -448,10 +461,10 @@ void Executor::run_steps(std::vector<int64_t>* times_ns) {
   for (size_t i = 0; i < steps_.size(); ++i) {
     if (times_ns) {
       auto t0 = clock::now();
-      steps_[i]->run(pool_);
+      steps_[i]->run(*pool_);
       (*times_ns)[i] = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
     } else {
-      steps_[i]->run(pool_);
+      steps_[i]->run(*pool_);
     }
   }
 }

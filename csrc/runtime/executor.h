@@ -44,18 +44,19 @@ class Step {
 class Executor {
  public:
   // `constants` must outlive the executor (the binding keeps their owners alive).
-  Executor(int threads, int64_t arena_bytes, std::vector<ConstantData> constants,
+  Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::vector<ConstantData> constants,
            const std::vector<StepSpec>& steps, std::vector<TensorRef> inputs,
            std::vector<TensorRef> outputs);
 
-  int threads() const { return pool_.threads(); }
+  int threads() const { return pool_->threads(); }
   int64_t arena_bytes() const { return arena_bytes_; }
   const std::vector<TensorRef>& inputs() const { return inputs_; }
   const std::vector<TensorRef>& outputs() const { return outputs_; }
   size_t num_steps() const { return steps_.size(); }
 
-  // Caller holds lock() for the whole copy-in, run, copy-out sequence.
-  std::unique_lock<std::mutex> lock() { return std::unique_lock<std::mutex>(mu_); }
+  // Caller holds lock() for the whole copy-in, run, copy-out sequence; it also keeps other
+  // executors on the same pool out.
+  std::unique_lock<std::mutex> lock() { return std::unique_lock<std::mutex>(pool_->run_mutex()); }
   float* tensor_ptr(const TensorRef& t);
   // Runs every step; when `times_ns` is given, records each step's wall time.
   void run_steps(std::vector<int64_t>* times_ns = nullptr);
@@ -64,13 +65,12 @@ class Executor {
   struct AlignedFree {
     void operator()(char* p) const;
   };
-  ThreadPool pool_;
+  std::shared_ptr<ThreadPool> pool_;
   int64_t arena_bytes_;
   std::unique_ptr<char, AlignedFree> arena_;
   std::vector<ConstantData> constants_;
   std::vector<std::unique_ptr<Step>> steps_;
   std::vector<TensorRef> inputs_, outputs_;
-  std::mutex mu_;
 };
 
 // Names of the kernels a StepSpec may ask for.

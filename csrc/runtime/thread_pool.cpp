@@ -38,6 +38,7 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::reserve_scratch(size_t floats) {
+  std::lock_guard<std::mutex> lock(run_mu_);
   if (floats <= scratch_floats_ && scratch_) return;
   size_t stride = (floats + 15) / 16 * 16;  // keep each thread's block 64-byte aligned
   size_t bytes = stride * sizeof(float) * size_t(nthreads_);

@@ -26,6 +26,8 @@ class ThreadPool final : public cpu::Parallel {
   size_t scratch_floats() const override { return scratch_floats_; }
   // Grows every thread's scratch to at least `floats` (never on the hot path: called at build).
   void reserve_scratch(size_t floats);
+  // Several executors may share one pool; a caller holds this around a whole network run.
+  std::mutex& run_mutex() { return run_mu_; }
 
  private:
   struct AlignedFree {
@@ -37,6 +39,7 @@ class ThreadPool final : public cpu::Parallel {
   int nthreads_;
   std::vector<std::thread> workers_;
   std::mutex mu_;
+  std::mutex run_mu_;
   std::condition_variable wake_;
   std::condition_variable done_cv_;
   uint64_t generation_ = 0;  // guarded by mu_; bumped per job

@@ -1,0 +1,93 @@
+"""A Plan: the lowered steps of a graph specialised to concrete input shapes, with the arena
+layout. Building the C++ executor from it is a single call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbir_engine.graph.ir import Graph
+from cbir_engine.plan.lower import Lowering, Operand, Packer, PlanStep
+from cbir_engine.plan.memory import Buffer, plan_offsets
+
+
+@dataclass
+class Plan:
+    steps: list[PlanStep]
+    constants: list[np.ndarray]
+    input_names: list[str]
+    input_shapes: list[tuple[int, ...]]
+    output_names: list[str]
+    # Per output: the arena offset and shape, or a constant array (folded at plan time).
+    outputs: list[tuple[int, tuple[int, ...]] | np.ndarray]
+    offsets: dict[str, int]
+    arena_bytes: int
+    intermediate_bytes: int  # sum of every buffer's size, had each its own allocation
+
+    def resolve(self, op: Operand | None) -> tuple[bool, int, list[int]] | None:
+        if op is None:
+            return None
+        if op.const is not None:
+            return (True, op.const, list(op.shape))
+        return (False, self.offsets[op.value], list(op.shape))  # type: ignore[index]
+
+    def executor_args(self) -> tuple:
+        steps = [(s.kernel, s.ints, s.floats, [self.resolve(o) for o in s.operands]) for s in self.steps]
+        inputs = [(False, self.offsets[n], list(s)) for n, s in zip(self.input_names, self.input_shapes, strict=True)]
+        outputs = [(False, o[0], list(o[1])) for o in self.outputs if not isinstance(o, np.ndarray)]
+        return self.arena_bytes, list(self.constants), steps, inputs, outputs
+
+
+def build_plan(g: Graph, packer: Packer) -> Plan:
+    """Lowers a specialised graph (every shape known) and plans its memory."""
+    low = Lowering(g, packer)
+    low.run()
+    n_steps = len(low.steps)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for name in g.inputs:
+        first[name] = last[name] = -1
+    for i, step in enumerate(low.steps):
+        for op in step.operands:
+            if op is not None and op.value is not None:
+                first.setdefault(op.value, i)
+                last[op.value] = i
+        for out in step.outputs:  # outputs written but never read still need room
+            if out and not g.values[out].is_const:
+                r = low.root(out)
+                first.setdefault(r, i)
+                last[r] = max(last.get(r, i), i)
+    outputs: list[tuple[str, np.ndarray | None]] = []
+    for name in g.outputs:
+        v = g.values[name]
+        if v.is_const:
+            outputs.append((name, v.const))
+            continue
+        r = low.root(name)
+        first.setdefault(r, -1)
+        last[r] = n_steps
+        outputs.append((r, None))
+    buffers = []
+    for name, f in first.items():
+        shape = g.values[name].shape
+        nbytes = int(np.prod(shape, dtype=np.int64)) * g.values[name].dtype.itemsize  # type: ignore[arg-type]
+        buffers.append(Buffer(name, nbytes, f, last[name]))
+    offsets, arena = plan_offsets(buffers)
+    out_refs: list[tuple[int, tuple[int, ...]] | np.ndarray] = []
+    for (root, const), name in zip(outputs, g.outputs, strict=True):
+        if const is not None:
+            out_refs.append(np.array(const))
+        else:
+            out_refs.append((offsets[root], tuple(int(d) for d in g.values[name].shape)))  # type: ignore[union-attr]
+    return Plan(
+        steps=low.steps,
+        constants=low.constants,
+        input_names=list(g.inputs),
+        input_shapes=[tuple(int(d) for d in g.values[n].shape) for n in g.inputs],  # type: ignore[union-attr]
+        output_names=list(g.output_names),
+        outputs=out_refs,
+        offsets=offsets,
+        arena_bytes=arena,
+        intermediate_bytes=sum(b.nbytes for b in buffers),
+    )

@@ -1,0 +1,348 @@
+// Multi-index hashing: table build (counting sort per substring) and the exact k-NN / range
+// probes. See mih.h for the idea.
+#include "cpu/mih.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace cbir::cpu {
+namespace {
+
+template <typename F>
+void run_tasks(Parallel& par, int64_t tasks, F&& fn) {
+  std::exception_ptr error;
+  std::mutex error_mu;
+  auto guarded = [&](int64_t task, int thread) {
+    try {
+      fn(task, thread);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error) error = std::current_exception();
+    }
+  };
+  par.run(tasks, guarded);
+  if (error) std::rethrow_exception(error);
+}
+
+void code_to_words(const uint8_t* code, int code_bytes, int words, uint64_t* out) {
+  for (int w = 0; w < words; ++w) {
+    const int len = std::min(8, code_bytes - w * 8);
+    uint64_t v = 0;
+    std::memcpy(&v, code + w * 8, size_t(len));
+    out[w] = v;
+  }
+}
+
+// Bits [first_bit, first_bit + bits) of a code as an integer (bits <= 32).
+inline uint32_t substring_of(const uint64_t* words, int first_bit, int bits) {
+  const int w = first_bit >> 6, shift = first_bit & 63;
+  uint64_t v = words[w] >> shift;
+  if (shift + bits > 64) v |= words[w + 1] << (64 - shift);
+  return uint32_t(v & ((uint64_t(1) << bits) - 1));
+}
+
+inline int32_t distance(const uint64_t* a, const uint64_t* b, int words) {
+  int32_t d = 0;
+  for (int w = 0; w < words; ++w) d += __builtin_popcountll(a[w] ^ b[w]);
+  return d;
+}
+
+constexpr int kPosBits = 40;
+constexpr uint64_t kPosMask = (uint64_t(1) << kPosBits) - 1;
+inline uint64_t pack_key(int32_t d, int64_t pos) { return (uint64_t(uint32_t(d)) << kPosBits) | uint64_t(pos); }
+inline int32_t key_distance(uint64_t key) { return int32_t(key >> kPosBits); }
+inline int64_t key_pos(uint64_t key) { return int64_t(key & kPosMask); }
+
+struct Labels {
+  const int64_t* ids = nullptr;
+  bool ascending = true;
+  int64_t operator()(int64_t pos) const { return ids ? ids[pos] : pos; }
+};
+
+void sort_by_distance_then_label(uint64_t* keys, int64_t m, const Labels& labels) {
+  if (labels.ascending) {
+    std::sort(keys, keys + m);
+    return;
+  }
+  std::sort(keys, keys + m, [&](uint64_t a, uint64_t b) {
+    const int32_t da = key_distance(a), db = key_distance(b);
+    if (da != db) return da < db;
+    return labels(key_pos(a)) < labels(key_pos(b));
+  });
+}
+
+// Calls visit(mask) for every `width`-bit mask with exactly `ones` bits set, in increasing order.
+template <typename Visit>
+void for_each_mask(int width, int ones, Visit&& visit) {
+  if (ones == 0) {
+    visit(uint32_t(0));
+    return;
+  }
+  const uint64_t limit = uint64_t(1) << width;
+  uint64_t mask = (uint64_t(1) << ones) - 1;
+  while (mask < limit) {
+    visit(uint32_t(mask));
+    // Next larger integer with the same number of set bits.
+    const uint64_t low = mask | (mask - 1);
+    mask = (low + 1) | (((~low & (low + 1)) - 1) >> (__builtin_ctzll(mask) + 1));
+  }
+}
+
+// Per-thread state for probing one query.
+struct Probe {
+  const MihTables* t = nullptr;
+  std::vector<uint64_t> q;      // query words
+  std::vector<uint32_t> q_sub;  // query substrings
+  MihStats stats;
+
+  void set_query(const uint8_t* code) {
+    q.resize(size_t(t->words));
+    code_to_words(code, t->code_bytes, t->words, q.data());
+    q_sub.resize(t->tables.size());
+    for (size_t i = 0; i < t->tables.size(); ++i)
+      q_sub[i] = substring_of(q.data(), t->tables[i].first_bit, t->tables[i].bits);
+  }
+
+  // A code is met once per table whose substring is close enough; count it only at its first
+  // meeting in probe order (radius, then table): no table before `table` within `radius`, and no
+  // table after it within radius - 1. Needs nothing but the code itself, so no visited set.
+  bool first_met_here(const uint64_t* code, int radius, int table) const {
+    const int m = int(t->tables.size());
+    for (int i = 0; i < m; ++i) {
+      if (i == table) continue;
+      const auto& tb = t->tables[size_t(i)];
+      const int e = __builtin_popcount(substring_of(code, tb.first_bit, tb.bits) ^ q_sub[size_t(i)]);
+      if (i < table ? e <= radius : e < radius) return false;
+    }
+    return true;
+  }
+
+  // Probes table `table` at substring distance exactly `radius`, calling hit(distance, position)
+  // for each code met here for the first time whose full distance is at most *bound (read each
+  // time: hit may lower it).
+  template <typename Hit>
+  void probe(int table, int radius, const int32_t* bound, Hit&& hit) {
+    const MihTables::Table& tb = t->tables[size_t(table)];
+    if (radius > tb.bits) return;
+    const int words = t->words;
+    const uint32_t key0 = q_sub[size_t(table)];
+    // Buckets in batches: prefetch the offsets of a batch, then its first codes, then read them.
+    constexpr int kBatch = 16;
+    uint32_t keys[kBatch];
+    int pending = 0;
+    auto flush = [&]() {
+      uint32_t begin[kBatch], end[kBatch];
+      for (int j = 0; j < pending; ++j) {
+        begin[j] = tb.offsets[keys[j]];
+        end[j] = tb.offsets[keys[j] + 1];
+        __builtin_prefetch(tb.codes.data() + size_t(begin[j]) * size_t(words));
+      }
+      stats.buckets += pending;
+      for (int j = 0; j < pending; ++j) {
+        stats.candidates += end[j] - begin[j];
+        for (uint32_t e = begin[j]; e < end[j]; ++e) {
+          const uint64_t* code = tb.codes.data() + size_t(e) * size_t(words);
+          const int32_t d = distance(code, q.data(), words);
+          if (d > *bound || !first_met_here(code, radius, table)) continue;
+          hit(d, int64_t(tb.positions[e]));
+        }
+      }
+      pending = 0;
+    };
+    for_each_mask(tb.bits, radius, [&](uint32_t mask) {
+      keys[pending] = key0 ^ mask;
+      __builtin_prefetch(tb.offsets.data() + keys[pending]);
+      if (++pending == kBatch) flush();
+    });
+    if (pending) flush();
+  }
+};
+
+int max_table_bits(const MihTables& t) {
+  int b = 0;
+  for (const auto& tb : t.tables) b = std::max(b, tb.bits);
+  return b;
+}
+
+}  // namespace
+
+size_t MihTables::memory_bytes() const {
+  size_t bytes = 0;
+  for (const auto& tb : tables)
+    bytes += tb.offsets.size() * 4 + tb.positions.size() * 4 + tb.codes.size() * 8;
+  return bytes;
+}
+
+int mih_default_substrings(int bits, int64_t n) {
+  const double log_n = std::log2(double(std::max<int64_t>(n, 2)));
+  int m = int(std::lround(double(bits) / log_n));
+  m = std::max(m, (bits + kMihMaxSubstringBits - 1) / kMihMaxSubstringBits);
+  return std::max(1, std::min(m, bits));
+}
+
+std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par) {
+  if (p.n < 0 || p.n >= (int64_t(1) << 32)) throw std::invalid_argument("mih: at most 2^32 - 1 codes");
+  const int bits = p.code_bytes * 8;
+  const int m = p.substrings > 0 ? p.substrings : mih_default_substrings(bits, p.n);
+  if (m < 1 || m > bits) throw std::invalid_argument("mih: substrings must be in [1, bits]");
+  const int narrow = bits / m, wide_count = bits % m;
+  if (narrow + (wide_count ? 1 : 0) > kMihMaxSubstringBits)
+    throw std::invalid_argument("mih: substrings wider than " + std::to_string(kMihMaxSubstringBits) +
+                                " bits; use at least " +
+                                std::to_string((bits + kMihMaxSubstringBits - 1) / kMihMaxSubstringBits) +
+                                " substrings");
+  auto t = std::make_unique<MihTables>();
+  t->code_bytes = p.code_bytes;
+  t->words = (p.code_bytes + 7) / 8;
+  t->n = p.n;
+  t->tables.resize(size_t(m));
+  int first = 0;
+  for (int i = 0; i < m; ++i) {
+    t->tables[size_t(i)].first_bit = first;
+    t->tables[size_t(i)].bits = narrow + (i < wide_count ? 1 : 0);
+    first += t->tables[size_t(i)].bits;
+  }
+  const int words = t->words;
+  std::vector<uint64_t> all(size_t(p.n) * size_t(words));
+  const int64_t chunk = 1 << 16;
+  run_tasks(par, (p.n + chunk - 1) / chunk, [&](int64_t c, int) {
+    for (int64_t i = c * chunk; i < std::min(p.n, (c + 1) * chunk); ++i)
+      code_to_words(p.db + i * p.code_bytes, p.code_bytes, words, all.data() + i * words);
+  });
+  run_tasks(par, m, [&](int64_t i, int) {
+    MihTables::Table& tb = t->tables[size_t(i)];
+    const size_t buckets = size_t(1) << tb.bits;
+    tb.offsets.assign(buckets + 1, 0);
+    for (int64_t j = 0; j < p.n; ++j) ++tb.offsets[substring_of(all.data() + j * words, tb.first_bit, tb.bits) + 1];
+    for (size_t v = 0; v < buckets; ++v) tb.offsets[v + 1] += tb.offsets[v];
+    std::vector<uint32_t> cursor(tb.offsets.begin(), tb.offsets.end() - 1);
+    tb.positions.resize(size_t(p.n));
+    tb.codes.resize(size_t(p.n) * size_t(words));
+    for (int64_t j = 0; j < p.n; ++j) {
+      const uint64_t* code = all.data() + j * words;
+      const uint32_t e = cursor[substring_of(code, tb.first_bit, tb.bits)]++;
+      tb.positions[e] = uint32_t(j);
+      std::copy(code, code + words, tb.codes.data() + size_t(e) * size_t(words));
+    }
+  });
+  return t;
+}
+
+void run_mih_knn(const MihKnnParams& p, Parallel& par) {
+  const MihTables& t = *p.tables;
+  if (p.k < 1 || p.k > t.n) throw std::invalid_argument("mih knn: k must be in [1, n]");
+  const Labels labels{p.ids, p.ids == nullptr || p.ids_ascending};
+  const int m = int(t.tables.size());
+  const int max_distance = t.code_bytes * 8;
+  const int widest = max_table_bits(t);
+  const int threads = std::max(1, par.threads());
+  struct Scratch {
+    Probe probe;
+    std::vector<int64_t> count_at;  // found codes per distance
+    std::vector<uint64_t> found;    // (distance, position) of codes within the bound when found
+  };
+  std::vector<Scratch> scratch(size_t(threads));
+  for (auto& s : scratch) {
+    s.probe.t = &t;
+    s.count_at.resize(size_t(max_distance + 1));
+  }
+  run_tasks(par, p.nq, [&](int64_t qi, int thread) {
+    Scratch& s = scratch[size_t(thread)];
+    s.probe.set_query(p.queries + qi * t.code_bytes);
+    std::fill(s.count_at.begin(), s.count_at.end(), 0);
+    s.found.clear();
+    // bound: the k-th smallest distance found so far (the largest distance until k are found);
+    // within: codes found at distance <= bound.
+    int32_t bound = max_distance;
+    int64_t within = 0;
+    auto hit = [&](int32_t d, int64_t pos) {
+      s.found.push_back(pack_key(d, pos));
+      ++s.count_at[size_t(d)];
+      ++within;
+      while (within >= p.k && within - s.count_at[size_t(bound)] >= p.k) within -= s.count_at[size_t(bound--)];
+    };
+    bool done = false;
+    for (int radius = 0; radius <= widest && !done; ++radius) {
+      for (int i = 0; i < m && !done; ++i) {
+        s.probe.probe(i, radius, &bound, hit);
+        // A code not met yet differs in > radius bits on tables 0..i and >= radius on the rest,
+        // so every code within m * radius + i has been met.
+        done = within >= p.k && bound <= m * radius + i;
+      }
+    }
+    // Every code within `bound` is in `found` now; keep those, best (distance, label) first.
+    int64_t kept = 0;
+    for (uint64_t key : s.found)
+      if (key_distance(key) <= bound) s.found[size_t(kept++)] = key;
+    sort_by_distance_then_label(s.found.data(), kept, labels);
+    int32_t* dist = p.out_distances + qi * p.k;
+    int64_t* ids = p.out_ids + qi * p.k;
+    for (int64_t j = 0; j < p.k; ++j) {
+      dist[j] = key_distance(s.found[size_t(j)]);
+      ids[j] = labels(key_pos(s.found[size_t(j)]));
+    }
+  });
+  if (p.stats) {
+    for (const auto& s : scratch) {
+      p.stats->buckets += s.probe.stats.buckets;
+      p.stats->candidates += s.probe.stats.candidates;
+    }
+  }
+}
+
+void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* out) {
+  const MihTables& t = *p.tables;
+  const Labels labels{p.ids, p.ids == nullptr};
+  const int m = int(t.tables.size());
+  const int widest = max_table_bits(t);
+  const int threads = std::max(1, par.threads());
+  out->lims.assign(size_t(p.nq + 1), 0);
+  out->distances.clear();
+  out->ids.clear();
+  if (p.nq == 0 || t.n == 0 || p.radius < 0) return;
+  const int32_t radius = std::min(p.radius, t.code_bytes * 8);
+  std::vector<std::vector<uint64_t>> per_query(size_t(p.nq));
+  std::vector<Probe> probes(size_t(threads));
+  for (auto& pr : probes) pr.t = &t;
+  run_tasks(par, p.nq, [&](int64_t qi, int thread) {
+    Probe& pr = probes[size_t(thread)];
+    pr.set_query(p.queries + qi * t.code_bytes);
+    auto& found = per_query[size_t(qi)];
+    auto hit = [&](int32_t d, int64_t pos) { found.push_back(pack_key(d, pos)); };
+    // Probe (sub_radius, table) in order until every code within `radius` has been met.
+    bool done = false;
+    for (int sub = 0; sub <= widest && !done; ++sub) {
+      for (int i = 0; i < m && !done; ++i) {
+        pr.probe(i, sub, &radius, hit);
+        done = m * sub + i >= radius;
+      }
+    }
+    sort_by_distance_then_label(found.data(), int64_t(found.size()), labels);
+  });
+  for (int64_t q = 0; q < p.nq; ++q)
+    out->lims[size_t(q + 1)] = out->lims[size_t(q)] + int64_t(per_query[size_t(q)].size());
+  out->distances.resize(size_t(out->lims[size_t(p.nq)]));
+  out->ids.resize(size_t(out->lims[size_t(p.nq)]));
+  for (int64_t q = 0; q < p.nq; ++q) {
+    auto& found = per_query[size_t(q)];
+    const size_t base = size_t(out->lims[size_t(q)]);
+    for (size_t j = 0; j < found.size(); ++j) {
+      out->distances[base + j] = key_distance(found[j]);
+      out->ids[base + j] = labels(key_pos(found[j]));
+    }
+    std::vector<uint64_t>().swap(found);
+  }
+  if (p.stats) {
+    for (const auto& pr : probes) {
+      p.stats->buckets += pr.stats.buckets;
+      p.stats->candidates += pr.stats.candidates;
+    }
+  }
+}
+
+}  // namespace cbir::cpu

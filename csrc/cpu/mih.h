@@ -1,0 +1,81 @@
+// Multi-index hashing (Norouzi, Punjani, Fleet: "Fast Exact Search in Hamming Space with
+// Multi-Index Hashing", 2014): the code is cut into m substrings and each substring indexes a
+// table. A code within distance d of the query matches it within floor(d / m) bits on at least one
+// substring (pigeonhole), so probing the tables at growing substring radii finds the exact k
+// nearest after touching a small part of the database.
+//
+// Each table is a bucket array (offsets into a position list, counting-sorted by substring value)
+// and keeps a copy of the codes in bucket order, so checking a bucket's codes reads memory in
+// sequence instead of jumping around the database.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "cpu/hamming.h"
+#include "cpu/parallel.h"
+
+namespace cbir::cpu {
+
+struct MihTables {
+  int code_bytes = 0;
+  int words = 0;  // 64-bit words per code, the last zero padded
+  int64_t n = 0;
+  struct Table {
+    int first_bit = 0;
+    int bits = 0;                    // substring width, at most kMihMaxSubstringBits
+    std::vector<uint32_t> offsets;   // [2^bits + 1]: bucket v holds entries [offsets[v], offsets[v+1])
+    std::vector<uint32_t> positions;  // [n] database positions in bucket order
+    std::vector<uint64_t> codes;     // [n, words] the codes in bucket order
+  };
+  std::vector<Table> tables;
+  size_t memory_bytes() const;
+};
+
+constexpr int kMihMaxSubstringBits = 24;
+
+// Substrings for n codes of `bits` bits: about bits / log2(n) (each bucket then holds about one
+// code), and enough that no substring is wider than kMihMaxSubstringBits.
+int mih_default_substrings(int bits, int64_t n);
+
+struct MihBuildParams {
+  const uint8_t* db = nullptr;  // [n, code_bytes]
+  int64_t n = 0;                // < 2^32
+  int code_bytes = 0;
+  int substrings = 0;  // 1..bits; 0 picks mih_default_substrings
+};
+std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par);
+
+// What a search did, summed over its queries (for benchmarks and tuning).
+struct MihStats {
+  int64_t buckets = 0;     // buckets probed
+  int64_t candidates = 0;  // codes whose full distance was computed
+};
+
+// Same results as run_hamming_knn over the codes the tables were built from.
+struct MihKnnParams {
+  const MihTables* tables = nullptr;
+  const int64_t* ids = nullptr;  // null: the position is the label
+  bool ids_ascending = true;
+  const uint8_t* queries = nullptr;  // [nq, code_bytes]
+  int64_t nq = 0;
+  int64_t k = 0;  // 1 <= k <= n
+  int32_t* out_distances = nullptr;
+  int64_t* out_ids = nullptr;
+  MihStats* stats = nullptr;  // optional
+};
+void run_mih_knn(const MihKnnParams& p, Parallel& par);
+
+// Same results as run_hamming_range.
+struct MihRangeParams {
+  const MihTables* tables = nullptr;
+  const int64_t* ids = nullptr;
+  const uint8_t* queries = nullptr;
+  int64_t nq = 0;
+  int32_t radius = 0;
+  MihStats* stats = nullptr;
+};
+void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* out);
+
+}  // namespace cbir::cpu
