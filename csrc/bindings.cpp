@@ -14,6 +14,60 @@
 #include "runtime/executor.h"
 #include "runtime/thread_pool.h"
 // ---- hamming index includes (owned by the Hamming index work) ----
+#include <mutex>
+
+#include "cpu/hamming.h"
+#include "cpu/mih.h"
+
+namespace {
+
+// The threads a HammingIndex owns; the mutex keeps two Python threads from running one pool at once.
+struct HammingThreads {
+  explicit HammingThreads(int threads) : pool(threads) {}
+  cbir::runtime::ThreadPool pool;
+  std::mutex mu;
+};
+
+// The C++ side of a built multi-index-hashing structure; Python only passes it back in.
+struct PyMihTables {
+  std::unique_ptr<cbir::cpu::MihTables> tables;
+};
+
+// A C-contiguous 2-D uint8 array of codes (Python has already said why, in its own words, if not).
+pybind11::array codes_arg(const pybind11::handle& obj, const char* what) {
+  namespace py = pybind11;
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(what) + " must be a numpy array");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<uint8_t>())) throw py::type_error(std::string(what) + " must be uint8");
+  if (a.ndim() != 2) throw py::value_error(std::string(what) + " must be 2-D [n, code_bytes]");
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
+  return a;
+}
+
+// Optional int64 labels, one per code.
+const int64_t* ids_arg(const pybind11::handle& obj, int64_t n) {
+  namespace py = pybind11;
+  if (obj.is_none()) return nullptr;
+  if (!py::isinstance<py::array>(obj)) throw py::type_error("ids must be a numpy array or None");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("ids must be int64");
+  if (a.ndim() != 1 || a.shape(0) != n) throw py::value_error("ids must be 1-D with one id per code");
+  if (!(a.flags() & py::array::c_style)) throw py::value_error("ids must be C-contiguous");
+  return static_cast<const int64_t*>(a.data());
+}
+
+pybind11::tuple range_result_to_numpy(cbir::cpu::HammingRangeResult& r) {
+  namespace py = pybind11;
+  py::array_t<int64_t> lims(py::ssize_t(r.lims.size()));
+  py::array_t<int32_t> dist(py::ssize_t(r.distances.size()));
+  py::array_t<int64_t> ids(py::ssize_t(r.ids.size()));
+  std::copy(r.lims.begin(), r.lims.end(), lims.mutable_data());
+  std::copy(r.distances.begin(), r.distances.end(), dist.mutable_data());
+  std::copy(r.ids.begin(), r.ids.end(), ids.mutable_data());
+  return py::make_tuple(lims, dist, ids);
+}
+
+}  // namespace
 // ---- end hamming index includes ----
 
 namespace py = pybind11;
@@ -193,5 +247,187 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_steps", [](const PyExecutor& s) { return s.ex->num_steps(); });
 
   // ---- hamming index entries (owned by the Hamming index work) ----
+  py::class_<HammingThreads>(m, "HammingThreads")
+      .def(py::init([](int threads) {
+             if (threads < 0) throw py::value_error("threads must be >= 0 (0: all CPUs)");
+             return std::make_unique<HammingThreads>(threads);
+           }),
+           py::arg("threads") = 0, "threads owned by one Hamming index")
+      .def_property_readonly("threads", [](HammingThreads& t) { return t.pool.threads(); });
+
+  m.def("hamming_isa", &cbir::cpu::hamming_isa, "the SIMD path the Hamming scan uses");
+  m.def("hamming_set_isa", [](const std::string& name) { return cbir::cpu::hamming_set_isa(name.c_str()); },
+        py::arg("name"), "pins the Hamming scan to 'avx2', 'avx512-vpopcntdq' or 'auto'; False if unavailable");
+
+  m.def(
+      "hamming_knn",
+      [](HammingThreads& threads, const py::object& db_obj, const py::object& ids_obj, bool ids_ascending,
+         const py::object& q_obj, int64_t k) {
+        auto db = codes_arg(db_obj, "database codes");
+        auto q = codes_arg(q_obj, "queries");
+        if (q.shape(1) != db.shape(1)) throw py::value_error("queries and database differ in code width");
+        if (db.shape(1) < 1) throw py::value_error("codes must have at least one byte");
+        if (k < 1 || k > db.shape(0)) throw py::value_error("k must be in [1, number of codes]");
+        cbir::cpu::HammingKnnParams p;
+        p.db = static_cast<const uint8_t*>(db.data());
+        p.n = db.shape(0);
+        p.code_bytes = int(db.shape(1));
+        p.ids = ids_arg(ids_obj, p.n);
+        p.ids_ascending = ids_ascending;
+        p.queries = static_cast<const uint8_t*>(q.data());
+        p.nq = q.shape(0);
+        p.k = k;
+        py::array_t<int32_t> dist({p.nq, k});
+        py::array_t<int64_t> ids({p.nq, k});
+        p.out_distances = dist.mutable_data();
+        p.out_ids = ids.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard<std::mutex> lock(threads.mu);
+          cbir::cpu::run_hamming_knn(p, threads.pool);
+        }
+        return py::make_tuple(dist, ids);
+      },
+      py::arg("threads"), py::arg("db"), py::arg("ids"), py::arg("ids_ascending"), py::arg("queries"),
+      py::arg("k"), "exact k nearest codes by flat scan: (distances int32 [nq, k], ids int64 [nq, k])");
+
+  m.def(
+      "hamming_range",
+      [](HammingThreads& threads, const py::object& db_obj, const py::object& ids_obj, const py::object& q_obj,
+         int32_t radius) {
+        auto db = codes_arg(db_obj, "database codes");
+        auto q = codes_arg(q_obj, "queries");
+        if (q.shape(1) != db.shape(1)) throw py::value_error("queries and database differ in code width");
+        cbir::cpu::HammingRangeParams p;
+        p.db = static_cast<const uint8_t*>(db.data());
+        p.n = db.shape(0);
+        p.code_bytes = int(db.shape(1));
+        p.ids = ids_arg(ids_obj, p.n);
+        p.queries = static_cast<const uint8_t*>(q.data());
+        p.nq = q.shape(0);
+        p.radius = radius;
+        cbir::cpu::HammingRangeResult r;
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard<std::mutex> lock(threads.mu);
+          cbir::cpu::run_hamming_range(p, threads.pool, &r);
+        }
+        return range_result_to_numpy(r);
+      },
+      py::arg("threads"), py::arg("db"), py::arg("ids"), py::arg("queries"), py::arg("radius"),
+      "codes within radius (inclusive) by flat scan: (lims, distances, ids)");
+
+  m.def(
+      "hamming_distances",
+      [](HammingThreads& threads, const py::object& db_obj, const py::object& q_obj) {
+        auto db = codes_arg(db_obj, "database codes");
+        auto q = codes_arg(q_obj, "queries");
+        if (q.shape(1) != db.shape(1)) throw py::value_error("queries and database differ in code width");
+        py::array_t<int32_t> out({q.shape(0), db.shape(0)});
+        const auto* dbp = static_cast<const uint8_t*>(db.data());
+        const auto* qp = static_cast<const uint8_t*>(q.data());
+        const int64_t n = db.shape(0), nq = q.shape(0);
+        const int cb = int(db.shape(1));
+        int32_t* o = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard<std::mutex> lock(threads.mu);
+          cbir::cpu::run_hamming_distances(dbp, n, qp, nq, cb, o, threads.pool);
+        }
+        return out;
+      },
+      py::arg("threads"), py::arg("db"), py::arg("queries"), "all pairwise distances, int32 [nq, n]");
+
+  py::class_<PyMihTables>(m, "MihTables")
+      .def_property_readonly("substrings", [](const PyMihTables& t) { return int(t.tables->tables.size()); })
+      .def_property_readonly("substring_bits",
+                             [](const PyMihTables& t) {
+                               std::vector<int> bits;
+                               for (const auto& tb : t.tables->tables) bits.push_back(tb.bits);
+                               return bits;
+                             })
+      .def_property_readonly("size", [](const PyMihTables& t) { return t.tables->n; })
+      .def_property_readonly("code_bytes", [](const PyMihTables& t) { return t.tables->code_bytes; })
+      .def_property_readonly("memory_bytes", [](const PyMihTables& t) { return t.tables->memory_bytes(); });
+
+  m.def("mih_default_substrings", &cbir::cpu::mih_default_substrings, py::arg("bits"), py::arg("n"),
+        "substrings multi-index hashing picks for n codes of this length");
+
+  m.def(
+      "mih_build",
+      [](HammingThreads& threads, const py::object& db_obj, int substrings) {
+        auto db = codes_arg(db_obj, "database codes");
+        if (db.shape(1) < 1) throw py::value_error("codes must have at least one byte");
+        cbir::cpu::MihBuildParams p;
+        p.db = static_cast<const uint8_t*>(db.data());
+        p.n = db.shape(0);
+        p.code_bytes = int(db.shape(1));
+        p.substrings = substrings;
+        auto out = std::make_unique<PyMihTables>();
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard<std::mutex> lock(threads.mu);
+          out->tables = cbir::cpu::run_mih_build(p, threads.pool);
+        }
+        return out;
+      },
+      py::arg("threads"), py::arg("db"), py::arg("substrings") = 0,
+      "builds multi-index hashing tables (substrings 0: the default)");
+
+  m.def(
+      "mih_knn",
+      [](HammingThreads& threads, const PyMihTables& tables, const py::object& ids_obj, bool ids_ascending,
+         const py::object& q_obj, int64_t k) {
+        auto q = codes_arg(q_obj, "queries");
+        if (q.shape(1) != tables.tables->code_bytes) throw py::value_error("queries and tables differ in code width");
+        if (k < 1 || k > tables.tables->n) throw py::value_error("k must be in [1, number of codes]");
+        cbir::cpu::MihKnnParams p;
+        cbir::cpu::MihStats stats;
+        p.tables = tables.tables.get();
+        p.ids = ids_arg(ids_obj, tables.tables->n);
+        p.ids_ascending = ids_ascending;
+        p.queries = static_cast<const uint8_t*>(q.data());
+        p.nq = q.shape(0);
+        p.k = k;
+        py::array_t<int32_t> dist({p.nq, k});
+        py::array_t<int64_t> ids({p.nq, k});
+        p.out_distances = dist.mutable_data();
+        p.out_ids = ids.mutable_data();
+        p.stats = &stats;
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard<std::mutex> lock(threads.mu);
+          cbir::cpu::run_mih_knn(p, threads.pool);
+        }
+        py::dict st;
+        st["buckets"] = stats.buckets;
+        st["candidates"] = stats.candidates;
+        return py::make_tuple(dist, ids, st);
+      },
+      py::arg("threads"), py::arg("tables"), py::arg("ids"), py::arg("ids_ascending"), py::arg("queries"),
+      py::arg("k"), "exact k nearest codes by multi-index hashing: (distances, ids, stats)");
+
+  m.def(
+      "mih_range",
+      [](HammingThreads& threads, const PyMihTables& tables, const py::object& ids_obj, const py::object& q_obj,
+         int32_t radius) {
+        auto q = codes_arg(q_obj, "queries");
+        if (q.shape(1) != tables.tables->code_bytes) throw py::value_error("queries and tables differ in code width");
+        cbir::cpu::MihRangeParams p;
+        p.tables = tables.tables.get();
+        p.ids = ids_arg(ids_obj, tables.tables->n);
+        p.queries = static_cast<const uint8_t*>(q.data());
+        p.nq = q.shape(0);
+        p.radius = radius;
+        cbir::cpu::HammingRangeResult r;
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard<std::mutex> lock(threads.mu);
+          cbir::cpu::run_mih_range(p, threads.pool, &r);
+        }
+        return range_result_to_numpy(r);
+      },
+      py::arg("threads"), py::arg("tables"), py::arg("ids"), py::arg("queries"), py::arg("radius"),
+      "codes within radius (inclusive) by multi-index hashing: (lims, distances, ids)");
   // ---- end hamming index entries ----
 }

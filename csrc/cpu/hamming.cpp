@@ -357,7 +357,7 @@ void run_hamming_knn(const HammingKnnParams& p, Parallel& par) {
   const int64_t cap = 2 * p.k + 64;
   const Split sp = plan_split(s, p.n, p.nq, threads, cap * 8, p.nq * p.k * 8);
 
-  std::vector<KnnScratch> scratch(size_t(threads));
+  std::vector<KnnScratch> scratch(static_cast<size_t>(threads));
   for (auto& sc : scratch) {
     sc.keys.resize(size_t(sp.group_size * cap));
     sc.ties.resize(size_t(std::max(cap, sp.splits * p.k)));
@@ -416,7 +416,7 @@ void run_hamming_knn(const HammingKnnParams& p, Parallel& par) {
       m += partial_size[size_t(slot)];
     }
     if (m > p.k) {
-      std::vector<uint64_t> ties(size_t(m));
+      std::vector<uint64_t> ties(static_cast<size_t>(m));
       cut_to_k(merged, m, p.k, s.max_distance, sc.hist.data(), ties.data(), labels);
       m = p.k;
     }
@@ -458,7 +458,7 @@ void run_hamming_range(const HammingRangeParams& p, Parallel& par, HammingRangeR
     std::vector<int32_t> accept_max;
     std::vector<uint8_t> tile;
   };
-  std::vector<Scratch> scratch(size_t(threads));
+  std::vector<Scratch> scratch(static_cast<size_t>(threads));
   for (auto& sc : scratch) {
     sc.qwords.resize(size_t(sp.group_size * s.words));
     sc.accept_max.assign(size_t(sp.group_size), std::min(p.radius, s.max_distance));

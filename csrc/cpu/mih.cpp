@@ -246,7 +246,7 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
     std::vector<int64_t> count_at;  // found codes per distance
     std::vector<uint64_t> found;    // (distance, position) of codes within the bound when found
   };
-  std::vector<Scratch> scratch(size_t(threads));
+  std::vector<Scratch> scratch(static_cast<size_t>(threads));
   for (auto& s : scratch) {
     s.probe.t = &t;
     s.count_at.resize(size_t(max_distance + 1));
@@ -307,7 +307,7 @@ void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* o
   if (p.nq == 0 || t.n == 0 || p.radius < 0) return;
   const int32_t radius = std::min(p.radius, t.code_bytes * 8);
   std::vector<std::vector<uint64_t>> per_query(size_t(p.nq));
-  std::vector<Probe> probes(size_t(threads));
+  std::vector<Probe> probes(static_cast<size_t>(threads));
   for (auto& pr : probes) pr.t = &t;
   run_tasks(par, p.nq, [&](int64_t qi, int thread) {
     Probe& pr = probes[size_t(thread)];

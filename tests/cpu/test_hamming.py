@@ -1,0 +1,233 @@
+"""HammingIndex against the numpy reference: flat scan and multi-index hashing, both SIMD paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cbir_engine import _C
+from cbir_engine.errors import CbirError, DTypeError, ShapeError
+from cbir_engine.index import DuplicateIdError, HammingIndex, IndexArgumentError
+from cbir_engine.index.reference import distances_reference, knn_reference, range_reference
+
+ISAS = ["avx2"] + (["avx512-vpopcntdq"] if _C.hamming_set_isa("auto") and _C.hamming_isa() != "avx2" else [])
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    assert _C.hamming_set_isa(request.param)
+    assert _C.hamming_isa() == request.param
+    yield request.param
+    _C.hamming_set_isa("auto")
+
+
+def random_codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
+
+
+def clustered_codes(rng: np.random.Generator, n: int, bits: int, distinct: int = 5) -> np.ndarray:
+    """Codes drawn from a few distinct values, so most distances tie."""
+    pool = random_codes(rng, distinct, bits)
+    return pool[rng.integers(0, distinct, size=n)]
+
+
+def check_knn(index: HammingIndex, db: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> None:
+    d, i = index.search(q, k)
+    rd, ri = knn_reference(db, ids, q, k)
+    assert d.dtype == np.int32 and i.dtype == np.int64
+    assert d.shape == (q.shape[0], k) and i.shape == (q.shape[0], k)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(i, ri)
+
+
+SIZES = [1, 7, 59, 1023]
+BITS = [8, 16, 24, 32, 40, 64, 96, 128, 200, 256, 512, 1024]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("method", ["flat", "mih"])
+def test_knn_matches_reference(isa, bits, n, method):
+    rng = np.random.default_rng(bits * 7919 + n)
+    db = random_codes(rng, n, bits)
+    if n > 7:  # plant exact and near duplicates of the queries to exercise small distances
+        db[: n // 3] = db[rng.integers(0, n, size=n // 3)]
+    q = np.concatenate([random_codes(rng, 5, bits), db[rng.integers(0, n, size=2)]])
+    index = HammingIndex(bits, method=method, threads=2)
+    index.add(db)
+    ids = np.arange(n, dtype=np.int64)
+    for k in sorted({1, min(7, n), n}):
+        check_knn(index, db, ids, q, k)
+
+
+@pytest.mark.parametrize("bits", [8, 32, 64, 96, 256])
+@pytest.mark.parametrize("method", ["flat", "mih"])
+def test_ties_broken_by_smaller_id_with_shuffled_ids(isa, bits, method):
+    rng = np.random.default_rng(bits)
+    n = 3001
+    db = clustered_codes(rng, n, bits)
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)  # unique, out of order
+    q = np.concatenate([db[:3], random_codes(rng, 4, bits)])
+    index = HammingIndex(bits, method=method, threads=2)
+    index.add(db, ids)
+    for k in (1, 10, 500, n):
+        check_knn(index, db, ids, q, k)
+
+
+@pytest.mark.parametrize("bits", [16, 64, 128, 256])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_database_tiles_splits_and_large_k(isa, bits, threads):
+    # Enough codes for many tiles and a database split per thread; k up to 4096.
+    rng = np.random.default_rng(bits + threads)
+    n = 40_007
+    db = random_codes(rng, n, bits)
+    db[::97] = db[0]  # a block of exact ties, spread over the tiles
+    q = np.concatenate([db[:1], random_codes(rng, 2, bits)])
+    index = HammingIndex(bits, method="flat", threads=threads)
+    index.add(db)
+    ids = np.arange(n, dtype=np.int64)
+    for k in (1, 100, 4096):
+        check_knn(index, db, ids, q, k)
+    # A batch of queries (query groups, register blocks of 8 and their remainders).
+    q2 = random_codes(rng, 45, bits)
+    check_knn(index, db, ids, q2, 10)
+
+
+@pytest.mark.parametrize("bits", [8, 64, 96, 256])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("method", ["flat", "mih"])
+def test_range_matches_reference(isa, bits, n, method):
+    rng = np.random.default_rng(bits + n)
+    db = clustered_codes(rng, n, bits, distinct=max(2, n // 4))
+    ids = rng.permutation(n).astype(np.int64)
+    q = np.concatenate([db[:2], random_codes(rng, 3, bits)])
+    index = HammingIndex(bits, method=method, threads=2)
+    index.add(db, ids)
+    for radius in (0, 1, bits // 4, bits // 2, bits):
+        lims, d, i = index.range_search(q, radius)
+        rl, rd, ri = range_reference(db, ids, q, radius)
+        np.testing.assert_array_equal(lims, rl)
+        np.testing.assert_array_equal(d, rd)
+        np.testing.assert_array_equal(i, ri)
+
+
+def test_mih_matches_flat_on_a_larger_database():
+    rng = np.random.default_rng(5)
+    n, bits = 200_000, 64
+    db = random_codes(rng, n, bits)
+    q = np.concatenate([db[:5] ^ np.uint8(1), random_codes(rng, 20, bits)])
+    flat = HammingIndex(bits, method="flat")
+    mih = HammingIndex(bits, method="mih")
+    flat.add(db)
+    mih.add(db)
+    for k in (1, 10, 100):
+        fd, fi = flat.search(q, k)
+        md, mi = mih.search(q, k)
+        np.testing.assert_array_equal(md, fd)
+        np.testing.assert_array_equal(mi, fi)
+    for radius in (3, 12):
+        for a, b in zip(mih.range_search(q, radius), flat.range_search(q, radius)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("substrings", [2, 3, 5, 8, 40])
+def test_mih_any_substring_count(substrings):
+    rng = np.random.default_rng(substrings)
+    db = random_codes(rng, 2000, 40)
+    q = random_codes(rng, 6, 40)
+    index = HammingIndex(40, method="mih", mih_substrings=substrings)
+    index.add(db)
+    check_knn(index, db, np.arange(2000, dtype=np.int64), q, 25)
+    assert index.mih_substrings == substrings
+
+
+def test_distances_matrix_matches_reference():
+    rng = np.random.default_rng(3)
+    for bits in (8, 96, 1024):
+        db, q = random_codes(rng, 59, bits), random_codes(rng, 7, bits)
+        index = HammingIndex(bits)
+        index.add(db)
+        np.testing.assert_array_equal(index.distances(q), distances_reference(db, q))
+
+
+def test_add_remove_and_ids():
+    rng = np.random.default_rng(11)
+    bits = 64
+    a, b = random_codes(rng, 100, bits), random_codes(rng, 50, bits)
+    index = HammingIndex(bits, method="flat")
+    index.add(a)
+    index.add(b, ids=np.arange(1000, 1050))
+    index.add(random_codes(rng, 3, bits))  # default ids continue after the largest id
+    assert len(index) == 153
+    np.testing.assert_array_equal(index.ids[-3:], [1050, 1051, 1052])
+    removed = index.remove(np.array([0, 5, 1000, 99999]))
+    assert removed == 3 and len(index) == 150
+    db = index.codes
+    ids = index.ids
+    assert not np.isin([0, 5, 1000], ids).any()
+    q = random_codes(rng, 4, bits)
+    check_knn(index, db, ids, q, 150)
+    for method in ("mih", "flat"):
+        other = HammingIndex(bits, method=method)
+        other.add(db, ids)
+        assert other.remove(ids[:10]) == 10
+        check_knn(other, db[10:], ids[10:], q, 20)
+
+
+def test_bad_input_is_refused_clearly():
+    index = HammingIndex(64)
+    rng = np.random.default_rng(0)
+    index.add(random_codes(rng, 10, 64))
+    with pytest.raises(ShapeError, match="16 bytes"):
+        index.add(random_codes(rng, 3, 128))
+    with pytest.raises(ShapeError, match="bytes"):
+        index.search(random_codes(rng, 3, 32), 1)
+    with pytest.raises(ShapeError, match="2-D"):
+        index.search(random_codes(rng, 1, 64)[0], 1)
+    with pytest.raises(DTypeError, match="pack_bits"):
+        index.add(np.ones((3, 64), dtype=np.float32))
+    with pytest.raises(DTypeError, match="uint8"):
+        index.search(np.zeros((2, 1), dtype=np.uint64), 1)
+    with pytest.raises(IndexArgumentError, match="k must be"):
+        index.search(random_codes(rng, 2, 64), 0)
+    with pytest.raises(IndexArgumentError, match="k must be"):
+        index.search(random_codes(rng, 2, 64), 11)
+    with pytest.raises(IndexArgumentError, match="radius"):
+        index.range_search(random_codes(rng, 2, 64), -1)
+    with pytest.raises(DuplicateIdError, match="already"):
+        index.add(random_codes(rng, 2, 64), ids=np.array([3, 100]))
+    with pytest.raises(DuplicateIdError, match="repeat"):
+        index.add(random_codes(rng, 2, 64), ids=np.array([200, 200]))
+    with pytest.raises(DTypeError):
+        index.add(random_codes(rng, 2, 64), ids=np.array([1.5, 2.5]))
+    with pytest.raises(ShapeError):
+        index.add(random_codes(rng, 2, 64), ids=np.array([300]))
+    with pytest.raises(ShapeError, match="multiple of 8"):
+        HammingIndex(12)
+    with pytest.raises(IndexArgumentError, match="method"):
+        HammingIndex(64, method="hnsw")
+    with pytest.raises(IndexArgumentError, match="mih_substrings"):
+        HammingIndex(64, method="mih", mih_substrings=2)  # 32-bit substrings: tables too large
+    assert len(index) == 10  # nothing half-added
+    # Every error is a typed one; the argument errors are ValueErrors too.
+    assert issubclass(IndexArgumentError, CbirError) and issubclass(DuplicateIdError, ValueError)
+
+
+def test_duplicate_check_with_out_of_order_ids():
+    index = HammingIndex(8)
+    index.add(np.arange(4, dtype=np.uint8)[:, None], ids=np.array([10, 3, 7, 1]))
+    with pytest.raises(DuplicateIdError):
+        index.add(np.zeros((1, 1), np.uint8), ids=np.array([7]))
+    index.add(np.zeros((1, 1), np.uint8), ids=np.array([5]))
+    assert len(index) == 5
+
+
+def test_empty_queries_and_empty_index():
+    index = HammingIndex(32)
+    with pytest.raises(IndexArgumentError):
+        index.search(np.zeros((1, 4), np.uint8), 1)
+    lims, d, i = index.range_search(np.zeros((2, 4), np.uint8), 3)
+    assert lims.tolist() == [0, 0, 0] and d.size == 0 and i.size == 0
+    index.add(np.zeros((3, 4), np.uint8))
+    d, i = index.search(np.zeros((0, 4), np.uint8), 2)
+    assert d.shape == (0, 2) and i.shape == (0, 2)
