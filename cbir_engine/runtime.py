@@ -127,7 +127,7 @@ class Engine:
                 x = np.asarray(x)
             if x.dtype != np.float32:
                 raise DTypeError(f"input '{name}' is {x.dtype}; the engine takes float32")
-            arrays[name] = np.ascontiguousarray(x)
+            arrays[name] = x if x.flags.c_contiguous else x.copy(order="C")
         return arrays, torch_like
 
     def _check_shapes(self, arrays: Mapping[str, np.ndarray]) -> None:

@@ -415,9 +415,16 @@ def _reshape_eval(node: Node, x: np.ndarray, shape: np.ndarray) -> list[np.ndarr
 _register("Reshape", _infer_reshape, _reshape_eval, alias=True)
 
 
+def flatten_axis(node: Node, rank: int) -> int:
+    axis = node.attrs.get("axis", 1)
+    if not -rank <= axis <= rank:
+        raise ShapeError(f"{node.describe()}: axis {axis} out of range for rank {rank}")
+    return axis + rank if axis < 0 else axis
+
+
 def _infer_flatten(node: Node, ins: list[Value | None]) -> Out:
     x = _shape(ins[0], node)
-    axis = norm_axis(node.attrs.get("axis", 1), len(x) + 1)
+    axis = flatten_axis(node, len(x))
     lead, tail = x[:axis], x[axis:]
 
     def prod(ds: tuple) -> Dim:
@@ -429,9 +436,8 @@ def _infer_flatten(node: Node, ins: list[Value | None]) -> Out:
 
 
 def _flatten_eval(node: Node, x: np.ndarray) -> list[np.ndarray]:
-    axis = norm_axis(node.attrs.get("axis", 1), x.ndim + 1)
-    return [x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1) if x.size else
-            x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))]
+    axis = flatten_axis(node, x.ndim)
+    return [x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))]
 
 
 _register("Flatten", _infer_flatten, _flatten_eval, alias=True)
@@ -644,8 +650,8 @@ def _lpnorm_eval(node: Node, x: np.ndarray) -> list[np.ndarray]:
     n = np.sum(np.abs(x), axis=axis, keepdims=True) if p == 1 else np.sqrt(
         np.sum(np.square(x), axis=axis, keepdims=True)
     )
-    with np.errstate(all="ignore"):
-        return [(x / n).astype(x.dtype)]
+    with np.errstate(all="ignore"):  # a zero vector stays zero (ONNX defines 0/0 = 0 here)
+        return [np.where(n == 0, 0, x / n).astype(x.dtype)]
 
 
 _register("LpNormalization", _same, _lpnorm_eval)
