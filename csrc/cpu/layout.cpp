@@ -47,21 +47,25 @@ void run_transpose(const TransposeParams& p, Parallel& par) {
 }
 
 namespace {
-// Maps output index o of a padded dim to the input index, or -1 for the fill value.
-inline int64_t pad_source(PadMode mode, int64_t o, int64_t begin, int64_t n) {
-  int64_t i = o - begin;
-  if (i >= 0 && i < n) return i;
+// Maps output index o of a padded dim to the input index, or -1 for the fill value. Negative pads
+// crop first; the padding then extends the cropped range (so reflect and wrap see only it).
+inline int64_t pad_source(PadMode mode, int64_t o, int64_t begin, int64_t end, int64_t n) {
+  const int64_t crop_b = begin < 0 ? -begin : 0, crop_e = end < 0 ? -end : 0;
+  const int64_t len = n - crop_b - crop_e;
+  int64_t i = o - (begin > 0 ? begin : 0);
+  if (i >= 0 && i < len) return i + crop_b;
+  if (len <= 0) return -1;
   switch (mode) {
     case PadMode::Constant: return -1;
-    case PadMode::Edge: return i < 0 ? 0 : n - 1;
+    case PadMode::Edge: return (i < 0 ? 0 : len - 1) + crop_b;
     case PadMode::Reflect:
-      if (n == 1) return 0;
+      if (len == 1) return crop_b;
       for (;;) {  // bounce between the ends until inside
         if (i < 0) i = -i;
-        else if (i >= n) i = 2 * (n - 1) - i;
-        else return i;
+        else if (i >= len) i = 2 * (len - 1) - i;
+        else return i + crop_b;
       }
-    case PadMode::Wrap: return ((i % n) + n) % n;
+    case PadMode::Wrap: return ((i % len) + len) % len + crop_b;
   }
   return -1;
 }
@@ -86,7 +90,7 @@ void run_pad(const PadParams& p, Parallel& par) {
     int64_t off = 0, rem = row;
     bool fill = false;
     for (int d = r - 2; d >= 0; --d) {
-      const int64_t i = pad_source(p.mode, rem % oshape[d], p.begin[d], p.shape[d]);
+      const int64_t i = pad_source(p.mode, rem % oshape[d], p.begin[d], p.end[d], p.shape[d]);
       rem /= oshape[d];
       if (i < 0) fill = true;
       else off += i * xs[d];
@@ -96,9 +100,9 @@ void run_pad(const PadParams& p, Parallel& par) {
       return;
     }
     const float* x = p.x + off;
-    const int64_t b = r ? p.begin[r - 1] : 0;
+    const int64_t b = r ? p.begin[r - 1] : 0, e = r ? p.end[r - 1] : 0;
     for (int64_t j = 0; j < inner; ++j) {
-      const int64_t i = pad_source(p.mode, j, b, n_in);
+      const int64_t i = pad_source(p.mode, j, b, e, n_in);
       y[j] = i < 0 ? p.value : x[i];
     }
   };

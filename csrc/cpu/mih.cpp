@@ -9,6 +9,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace cbir::cpu {
 namespace {
@@ -123,43 +124,75 @@ struct Probe {
   }
 
   // Probes table `table` at substring distance exactly `radius`, calling hit(distance, position)
-  // for each code met here for the first time whose full distance is at most *bound (read each
-  // time: hit may lower it).
+  // for each code met here for the first time whose full distance is at most *bound (re-read
+  // after every hit: hit may lower it).
   template <typename Hit>
   void probe(int table, int radius, const int32_t* bound, Hit&& hit) {
     const MihTables::Table& tb = t->tables[size_t(table)];
     if (radius > tb.bits) return;
     const int words = t->words;
     const uint32_t key0 = q_sub[size_t(table)];
-    // Buckets in batches: prefetch the offsets of a batch, then its first codes, then read them.
-    constexpr int kBatch = 16;
-    uint32_t keys[kBatch];
-    int pending = 0;
-    auto flush = [&]() {
-      uint32_t begin[kBatch], end[kBatch];
-      for (int j = 0; j < pending; ++j) {
-        begin[j] = tb.offsets[keys[j]];
-        end[j] = tb.offsets[keys[j] + 1];
-        __builtin_prefetch(tb.codes.data() + size_t(begin[j]) * size_t(words));
+    struct Context {
+      Probe* self;
+      const MihTables::Table* tb;
+      uint32_t first;
+      int table, radius;
+      std::remove_reference_t<Hit>* hit;
+      static void on_hit(void* c, int64_t entry, int32_t d) {
+        auto* x = static_cast<Context*>(c);
+        const uint32_t e = x->first + uint32_t(entry);
+        const uint64_t* code = x->tb->codes.data() + size_t(e) * size_t(x->self->t->words);
+        if (x->self->first_met_here(code, x->radius, x->table)) (*x->hit)(d, int64_t(x->tb->positions[e]));
       }
-      stats.buckets += pending;
-      for (int j = 0; j < pending; ++j) {
-        stats.candidates += end[j] - begin[j];
-        for (uint32_t e = begin[j]; e < end[j]; ++e) {
-          const uint64_t* code = tb.codes.data() + size_t(e) * size_t(words);
-          const int32_t d = distance(code, q.data(), words);
-          if (d > *bound || !first_met_here(code, radius, table)) continue;
-          hit(d, int64_t(tb.positions[e]));
-        }
-      }
-      pending = 0;
+    } ctx{this, &tb, 0, table, radius, &hit};
+    // A software pipeline over the buckets of this probe: a bucket's offsets are prefetched
+    // kKeyAhead buckets before they are read, and its codes (a short run of cache lines: the
+    // hardware prefetcher would only catch on after the first misses) kBucketAhead buckets
+    // before they are scanned, so many memory requests are in flight at once.
+    constexpr int kKeyAhead = 16, kBucketAhead = 4, kRing = 32;  // kRing: power of two > sum
+    uint32_t ring_key[kRing], ring_begin[kRing], ring_end[kRing];
+    int64_t enumerated = 0, located = 0, scanned = 0;
+    const uint64_t* codes = tb.codes.data();
+    auto locate = [&]() {  // read the oldest prefetched offsets, prefetch that bucket's codes
+      const int slot = int(located++ & (kRing - 1));
+      const uint32_t key = ring_key[slot];
+      ring_begin[slot] = tb.offsets[key];
+      ring_end[slot] = tb.offsets[key + 1];
+      const char* p0 = reinterpret_cast<const char*>(codes + size_t(ring_begin[slot]) * size_t(words));
+      const char* p1 = reinterpret_cast<const char*>(codes + size_t(ring_end[slot]) * size_t(words));
+      for (const char* p = p0; p < p1; p += 64) __builtin_prefetch(p);
+    };
+    auto scan = [&]() {
+      const int slot = int(scanned++ & (kRing - 1));
+      const uint32_t first = ring_begin[slot], last = ring_end[slot];
+      if (first == last) return;
+      stats.candidates += last - first;
+      ctx.first = first;
+      scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
+                  &Context::on_hit, &ctx);
     };
     for_each_mask(tb.bits, radius, [&](uint32_t mask) {
-      keys[pending] = key0 ^ mask;
-      __builtin_prefetch(tb.offsets.data() + keys[pending]);
-      if (++pending == kBatch) flush();
+      const uint32_t key = key0 ^ mask;
+      ring_key[enumerated++ & (kRing - 1)] = key;
+      __builtin_prefetch(tb.offsets.data() + key);
+      if (enumerated - located > kKeyAhead) locate();
+      if (located - scanned > kBucketAhead) scan();
     });
-    if (pending) flush();
+    while (located < enumerated) {
+      locate();
+      if (located - scanned > kBucketAhead) scan();
+    }
+    while (scanned < located) scan();
+    stats.buckets += enumerated;
+  }
+
+  using ScanBucket = void (*)(const uint64_t*, int64_t, const uint64_t*, int, const int32_t*,
+                              mih_detail::BucketHit, void*);
+  ScanBucket scan_bucket = pick_scan_bucket();
+
+  static ScanBucket pick_scan_bucket() {
+    return std::string(hamming_isa()) == "avx2" ? &mih_detail::scan_bucket_scalar
+                                                 : &mih_detail::scan_bucket_avx512;
   }
 };
 
@@ -170,6 +203,14 @@ int max_table_bits(const MihTables& t) {
 }
 
 }  // namespace
+
+void mih_detail::scan_bucket_scalar(const uint64_t* codes, int64_t count, const uint64_t* q, int words,
+                                    const int32_t* bound, BucketHit hit, void* ctx) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int32_t d = distance(codes + i * words, q, words);
+    if (d <= *bound) hit(ctx, i, d);
+  }
+}
 
 size_t MihTables::memory_bytes() const {
   size_t bytes = 0;

@@ -78,4 +78,15 @@ struct MihRangeParams {
 };
 void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* out);
 
+namespace mih_detail {
+// Scans `count` codes (row-major, `words` 64-bit words each) and calls hit(ctx, entry, distance)
+// for each whose distance to q is at most *bound (re-read after every hit: it may drop).
+using BucketHit = void (*)(void* ctx, int64_t entry, int32_t distance);
+void scan_bucket_scalar(const uint64_t* codes, int64_t count, const uint64_t* q, int words, const int32_t* bound,
+                        BucketHit hit, void* ctx);
+// AVX-512 VPOPCNTDQ version for 1 or 2 words per code (mih_avx512.cpp); others use the scalar one.
+void scan_bucket_avx512(const uint64_t* codes, int64_t count, const uint64_t* q, int words, const int32_t* bound,
+                        BucketHit hit, void* ctx);
+}  // namespace mih_detail
+
 }  // namespace cbir::cpu

@@ -183,7 +183,9 @@ void run_lp_normalize(const LpNormParams& p, Parallel& par) {
       for (int64_t a = 0; a < p.axis; ++a) norm += p.p == 1 ? std::fabs(x[a * s]) : x[a * s] * x[a * s];
     }
     if (p.p != 1) norm = std::sqrt(norm);
-    for (int64_t a = 0; a < p.axis; ++a) y[a * s] = x[a * s] / norm;
+    // A zero vector stays zero (ONNX defines 0/0 = 0 here); NaN in x still propagates.
+    const float inv = norm == 0.0f ? 0.0f : 1.0f / norm;
+    for (int64_t a = 0; a < p.axis; ++a) y[a * s] = x[a * s] * inv;
   };
   par.run(p.outer * p.inner, task);
 }

@@ -1,0 +1,286 @@
+"""Each CPU kernel against the ONNX reference implementation (onnx.reference), through the
+engine, over odd shapes and the attribute combinations the seed networks use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cbir_engine
+from tests.helpers import TOL, reference, rel_err, single_node_model
+
+RNG = np.random.default_rng(1234)
+
+
+def rand(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def check(op: str, inputs: dict, attrs: dict | None = None, initializers: dict | None = None,
+          tol: float = TOL["float32"], threads: int = 2, opset: int = 17) -> None:
+    model = single_node_model(op, inputs, attrs, initializers, opset=opset)
+    engine = cbir_engine.load(model.SerializeToString(), threads=threads)
+    got = engine.run(inputs)["y0"]
+    ref = reference(model, inputs)[0]
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) <= tol, f"{op} {attrs}: rel err {rel_err(got, ref):.2e}"
+
+
+CONV_CASES = [
+    # (N, C, H, W, K, kernel, attrs)
+    (1, 3, 7, 7, 8, (3, 3), {"pads": [1, 1, 1, 1]}),
+    (2, 5, 13, 11, 7, (3, 3), {"strides": [2, 2]}),
+    (1, 16, 9, 9, 1, (1, 1), {}),
+    (3, 7, 8, 10, 59, (1, 1), {"strides": [2, 2]}),
+    (1, 8, 17, 17, 8, (1, 7), {"pads": [0, 3, 0, 3]}),
+    (1, 8, 17, 17, 8, (7, 1), {"pads": [3, 0, 3, 0]}),
+    (1, 4, 12, 12, 6, (3, 3), {"dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+    (2, 8, 10, 10, 8, (3, 3), {"group": 8, "pads": [1, 1, 1, 1]}),
+    (1, 6, 11, 11, 12, (3, 3), {"group": 6, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    (1, 8, 9, 9, 12, (3, 3), {"group": 4}),
+    (1, 3, 15, 15, 4, (5, 5), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    (1, 3, 14, 14, 4, (4, 4), {"auto_pad": "SAME_LOWER", "strides": [3, 3]}),
+    (1, 3, 14, 14, 4, (3, 3), {"auto_pad": "VALID"}),
+    (1, 3, 227, 227, 16, (11, 11), {"strides": [4, 4], "pads": [2, 2, 2, 2]}),
+    (1, 64, 56, 56, 64, (3, 3), {"pads": [1, 1, 1, 1]}),
+    (2, 1023, 3, 3, 7, (1, 1), {}),
+    (1, 3, 10, 9, 5, (2, 3), {"pads": [1, 0, 0, 2], "strides": [1, 2]}),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[:5]}k{c[5]}{c[6]}")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("const_weight", [True, False])
+def test_conv2d(case, bias: bool, const_weight: bool) -> None:
+    n, c, h, w, k, ks, attrs = case
+    g = attrs.get("group", 1)
+    weight = rand(k, c // g, *ks)
+    inits = {"w": weight} if const_weight else {}
+    inputs = {"x": rand(n, c, h, w)} | ({} if const_weight else {"w": weight})
+    if bias:
+        inits["b"] = rand(k)
+    check("Conv", inputs, attrs, inits, tol=1e-5)
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [2, 1]}, {"strides": [3]}, {"dilations": [2]}])
+def test_conv1d(attrs: dict) -> None:
+    check("Conv", {"x": rand(2, 5, 23)}, attrs, {"w": rand(4, 5, 3), "b": rand(4)})
+
+
+POOL_CASES = [
+    ({"kernel_shape": [3, 3], "strides": [2, 2]}, (1, 3, 7, 7)),
+    ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, (2, 4, 8, 8)),
+    ({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, (1, 7, 59, 59)),
+    ({"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, (1, 2, 7, 9)),
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 5, 6, 6)),
+    ({"kernel_shape": [5, 3], "strides": [2, 1], "pads": [2, 1, 2, 1]}, (1, 3, 11, 9)),
+    ({"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, (1, 2, 9, 9)),
+]
+
+
+@pytest.mark.parametrize("attrs,shape", POOL_CASES)
+def test_maxpool(attrs: dict, shape: tuple) -> None:
+    check("MaxPool", {"x": rand(*shape)}, attrs)
+
+
+@pytest.mark.parametrize("attrs,shape", POOL_CASES)
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+def test_avgpool(attrs: dict, shape: tuple, count_include_pad: int) -> None:
+    check("AveragePool", {"x": rand(*shape)}, attrs | {"count_include_pad": count_include_pad})
+
+
+def test_maxpool_dilations() -> None:
+    check("MaxPool", {"x": rand(1, 3, 13, 13)}, {"kernel_shape": [3, 3], "dilations": [2, 2]})
+
+
+@pytest.mark.parametrize("op", ["GlobalAveragePool", "GlobalMaxPool"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 5), (2, 1023, 7, 7), (1, 59, 13, 1)])
+def test_global_pool(op: str, shape: tuple) -> None:
+    check(op, {"x": rand(*shape)})
+
+
+@pytest.mark.parametrize("size,shape", [(5, (1, 7, 5, 5)), (3, (2, 16, 9, 9)), (1, (1, 3, 2, 2)),
+                                        (4, (1, 10, 3, 3))])
+def test_lrn(size: int, shape: tuple) -> None:
+    # onnx.reference's LRN loops over the batch dim instead of channels, so the references here
+    # are torch (odd sizes, where its window equals ONNX's) and a direct reading of the spec.
+    x = rand(*shape)
+    attrs = {"size": size, "alpha": 1e-2, "beta": 0.75, "bias": 2.0}
+    model = single_node_model("LRN", {"x": x}, attrs)
+    got = cbir_engine.load(model.SerializeToString()).run({"x": x})["y0"]
+    sq = x.astype(np.float64) ** 2
+    lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
+    window = np.stack([sq[:, max(0, c - lo):c + hi + 1].sum(1) for c in range(shape[1])], axis=1)
+    spec = x / (2.0 + 1e-2 / size * window) ** 0.75
+    assert rel_err(got, spec) <= 1e-5
+    if size % 2:
+        torch = pytest.importorskip("torch")
+        ref = torch.nn.functional.local_response_norm(torch.from_numpy(x), size, 1e-2, 0.75, 2.0)
+        assert rel_err(got, ref.numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 59, 1023), (7, 25, 59), (3, 1023, 7), (16, 64, 33)])
+@pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (0, 1), (1, 0), (1, 1)])
+@pytest.mark.parametrize("const_b", [True, False])
+def test_gemm(m: int, k: int, n: int, trans_a: int, trans_b: int, const_b: bool) -> None:
+    a = rand(k, m) if trans_a else rand(m, k)
+    b = rand(n, k) if trans_b else rand(k, n)
+    inputs = {"a": a} | ({} if const_b else {"b": b})
+    inits = ({"b": b} if const_b else {}) | {"c": rand(n)}
+    check("Gemm", inputs, {"transA": trans_a, "transB": trans_b, "alpha": 0.5, "beta": 2.0}, inits)
+
+
+@pytest.mark.parametrize("c_shape", [(), (1,), (7,), (3, 1), (3, 7), (1, 7)])
+@pytest.mark.parametrize("const_c", [True, False])
+def test_gemm_bias_shapes(c_shape: tuple, const_c: bool) -> None:
+    c = rand(*c_shape)
+    inputs = {"a": rand(3, 5)} | ({} if const_c else {"c": c})
+    inits = {"b": rand(5, 7)} | ({"c": c} if const_c else {})
+    if not const_c:  # input order is a, c, b: put b first through the initializer order
+        inputs = {"a": inputs["a"]}
+        model_inputs = {"a": rand(3, 5)}
+        del model_inputs
+    check("Gemm", inputs, {"beta": 0.5}, inits)
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [
+    ((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((2, 3, 4), (2, 4, 5)), ((4,), (4, 5)), ((3, 4), (4,)),
+    ((2, 1, 3, 4), (1, 5, 4, 6)), ((1, 7, 59), (59, 1)),
+])
+@pytest.mark.parametrize("const_b", [True, False])
+def test_matmul(a_shape: tuple, b_shape: tuple, const_b: bool) -> None:
+    b = rand(*b_shape)
+    check("MatMul", {"a": rand(*a_shape)} | ({} if const_b else {"b": b}), None,
+          {"b": b} if const_b else None)
+
+
+BROADCAST = [((1,), (1,)), ((7,), ()), ((2, 3, 4, 5), (1, 3, 1, 1)), ((2, 3, 4, 5), (5,)),
+             ((3, 1, 5), (1, 4, 1)), ((1, 1023), (59, 1)), ((2, 64, 7, 7), (2, 64, 1, 1))]
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min"])
+@pytest.mark.parametrize("a_shape,b_shape", BROADCAST)
+def test_binary_broadcast(op: str, a_shape: tuple, b_shape: tuple) -> None:
+    b = rand(*b_shape)
+    if op == "Div":
+        b = np.where(np.abs(b) < 0.1, 1.0, b).astype(np.float32)
+    check(op, {"a": rand(*a_shape), "b": b})
+
+
+def test_pow_gem_style() -> None:
+    x = np.abs(rand(2, 8, 5, 5)) + 0.1
+    check("Pow", {"x": x}, None, {"p": np.array(3.0, np.float32)})
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("Relu", {}), ("Sigmoid", {}), ("Tanh", {}), ("LeakyRelu", {"alpha": 0.1}), ("Exp", {}),
+    ("Abs", {}), ("Neg", {}), ("Floor", {}), ("Ceil", {}), ("Softplus", {}), ("Elu", {"alpha": 0.7}),
+    ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("Erf", {}),
+])
+@pytest.mark.parametrize("n", [1, 7, 59, 1023, 40000])
+def test_unary(op: str, attrs: dict, n: int) -> None:
+    check(op, {"x": rand(n)}, attrs)
+
+
+@pytest.mark.parametrize("op", ["Sqrt", "Log", "Reciprocal"])
+def test_unary_positive(op: str) -> None:
+    check(op, {"x": np.abs(rand(3, 1023)) + 0.01})
+
+
+@pytest.mark.parametrize("bounds", [(-0.5, 0.5), (0.0, 6.0), (None, 1.0), (-1.0, None)])
+def test_clip(bounds: tuple) -> None:
+    names = ["_skip_lo" if bounds[0] is None else "lo", "_skip_hi" if bounds[1] is None else "hi"]
+    inits = {n: np.array(v if v is not None else 0, np.float32) for n, v in zip(names, bounds, strict=True)}
+    check("Clip", {"x": rand(7, 59)}, None, inits)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1, 2])
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_softmax(axis: int, op: str) -> None:
+    check(op, {"x": rand(3, 7, 59) * 5}, {"axis": axis}, tol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_softmax_legacy_opset11(axis: int) -> None:
+    # Before opset 13 Softmax flattens the input to 2-D at `axis` (onnx.reference lacks this).
+    x = rand(3, 4, 5) * 3
+    model = single_node_model("Softmax", {"x": x}, {"axis": axis}, opset=11)
+    got = cbir_engine.load(model.SerializeToString()).run({"x": x})["y0"]
+    flat = x.reshape(int(np.prod(x.shape[:axis])), -1).astype(np.float64)
+    e = np.exp(flat - flat.max(1, keepdims=True))
+    assert rel_err(got, (e / e.sum(1, keepdims=True)).reshape(x.shape)) <= 1e-5
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
+                                "ReduceL1", "ReduceSumSquare"])
+@pytest.mark.parametrize("axes,keepdims", [([2, 3], 1), ([1], 0), ([0, 2], 1), ([-1], 1), (None, 0)])
+def test_reduce(op: str, axes: list | None, keepdims: int) -> None:
+    inits = {} if axes is None else {"axes": np.array(axes, np.int64)}
+    check(op, {"x": rand(2, 7, 5, 59)}, {"keepdims": keepdims}, inits, opset=18)
+
+
+@pytest.mark.parametrize("axis,p", [(1, 2), (-1, 2), (0, 1), (2, 1), (0, 2)])
+def test_lp_normalization(axis: int, p: int) -> None:
+    # onnx.reference sums x**p without |.| (wrong for p=1) and reads axis=0 as the default.
+    x = rand(3, 7, 5)
+    model = single_node_model("LpNormalization", {"x": x}, {"axis": axis, "p": p})
+    got = cbir_engine.load(model.SerializeToString()).run({"x": x})["y0"]
+    norm = (np.abs(x.astype(np.float64)) ** p).sum(axis, keepdims=True) ** (1 / p)
+    assert rel_err(got, x / norm) <= 1e-5
+
+
+@pytest.mark.parametrize("axis", [0, 1, 3, -1])
+def test_concat(axis: int) -> None:
+    shapes = [(2, 3, 4, 5)] * 3
+    inputs = {}
+    for i, s in enumerate(shapes):
+        s = list(s)
+        s[axis] = i + 1
+        inputs[f"x{i}"] = rand(*s)
+    check("Concat", inputs, {"axis": axis})
+
+
+@pytest.mark.parametrize("perm", [[0, 2, 3, 1], [3, 2, 1, 0], [1, 0, 2, 3], None])
+def test_transpose(perm: list | None) -> None:
+    check("Transpose", {"x": rand(2, 7, 5, 3)}, {} if perm is None else {"perm": perm})
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+@pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 0, 0, 0, 0, 3], [0, 0, -1, 1, 0, 0, 1, -2]])
+def test_pad(mode: str, pads: list) -> None:
+    x = rand(2, 3, 5, 6)
+    inits = {"pads": np.array(pads, np.int64)}
+    if mode == "constant":
+        inits["value"] = np.array(1.5, np.float32)
+    model = single_node_model("Pad", {"x": x}, {"mode": mode}, inits, opset=19)
+    got = cbir_engine.load(model.SerializeToString()).run({"x": x})["y0"]
+    # Negative pads crop first (np.pad, behind onnx.reference, refuses them).
+    r = x.ndim
+    crop = x[tuple(slice(max(0, -pads[i]), x.shape[i] - max(0, -pads[r + i])) for i in range(r))]
+    width = [(max(0, pads[i]), max(0, pads[r + i])) for i in range(r)]
+    kw = {"constant_values": 1.5} if mode == "constant" else {}
+    np.testing.assert_array_equal(got, np.pad(crop, width, mode=mode, **kw))
+
+
+def test_slice_runtime_tensor() -> None:
+    inits = {"starts": np.array([1, 2], np.int64), "ends": np.array([5, -1], np.int64),
+             "axes": np.array([2, 3], np.int64)}
+    check("Slice", {"x": rand(2, 3, 7, 9)}, None, inits)
+
+
+def test_batchnorm_standalone() -> None:
+    c = 7
+    inits = {"s": rand(c), "b": rand(c), "m": rand(c), "v": np.abs(rand(c)) + 0.5}
+    check("BatchNormalization", {"x": rand(2, c, 5, 5)}, {"epsilon": 1e-3}, inits)
+
+
+def test_batchnorm_runtime_statistics() -> None:
+    c = 7
+    inputs = {"x": rand(2, c, 5, 5), "s": rand(c), "b": rand(c), "m": rand(c), "v": np.abs(rand(c)) + 0.5}
+    check("BatchNormalization", inputs, {"epsilon": 1e-3})
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads: int) -> None:
+    check("Conv", {"x": rand(2, 16, 19, 19)}, {"pads": [1, 1, 1, 1]}, {"w": rand(32, 16, 3, 3)},
+          threads=threads)
