@@ -69,36 +69,13 @@ void code_to_words(const Shape& s, const uint8_t* code, uint64_t* out) {
   }
 }
 
-// Copies codes [start, start + count) into the scan layout at `out`, zero padding the last block;
-// returns the number of blocks.
-int64_t load_tile(const Shape& s, const uint8_t* db, int64_t start, int64_t count, uint8_t* out) {
+// Copies codes [start, start + count) of the n-code database into the scan layout at `out`, zero
+// padding the last block; returns the number of blocks.
+int64_t load_tile(const Shape& s, const uint8_t* db, int64_t n, int64_t start, int64_t count, uint8_t* out,
+                  bool avx512) {
   const int64_t blocks = (count + s.lanes - 1) / s.lanes;
   const uint8_t* src = db + start * s.code_bytes;
-  uint64_t words[64];
-  const bool small_code = s.words <= 64;
-  if (s.lane_bytes == 8) {
-    uint64_t* dst = reinterpret_cast<uint64_t*>(out);
-    const bool whole_words = s.code_bytes % 8 == 0;
-    for (int64_t c = 0; c < count; ++c) {
-      uint64_t* lane = dst + (c / 8) * s.words * 8 + (c % 8);
-      const uint8_t* code = src + c * s.code_bytes;
-      if (whole_words) {
-        for (int w = 0; w < s.words; ++w) std::memcpy(lane + w * 8, code + w * 8, 8);
-      } else if (small_code) {
-        code_to_words(s, code, words);
-        for (int w = 0; w < s.words; ++w) lane[w * 8] = words[w];
-      } else {
-        for (int w = 0; w < s.words; ++w) {
-          const int len = std::min(8, s.code_bytes - w * 8);
-          uint64_t v = 0;
-          std::memcpy(&v, code + w * 8, size_t(len));
-          lane[w * 8] = v;
-        }
-      }
-    }
-    for (int64_t c = count; c < blocks * 8; ++c)
-      for (int w = 0; w < s.words; ++w) dst[(c / 8) * s.words * 8 + w * 8 + (c % 8)] = 0;
-  } else {
+  if (s.lane_bytes == 4) {
     uint32_t* dst = reinterpret_cast<uint32_t*>(out);  // one word per code, 16 lanes per block
     for (int64_t c = 0; c < count; ++c) {
       uint32_t v = 0;
@@ -106,7 +83,39 @@ int64_t load_tile(const Shape& s, const uint8_t* db, int64_t start, int64_t coun
       dst[c] = v;
     }
     for (int64_t c = count; c < blocks * 16; ++c) dst[c] = 0;
+    return blocks;
   }
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out);
+  const int words = s.words;
+  const int full_words = s.code_bytes / 8;
+  int64_t c = 0;
+  if (avx512 && full_words == words)
+    c = hamming_detail::transpose_tile_avx512(src, count, words, dst);  // whole blocks of 8
+  const int tail_bytes = s.code_bytes - full_words * 8;
+  const uint64_t tail_mask = tail_bytes ? (uint64_t(1) << (8 * tail_bytes)) - 1 : 0;
+  for (; c < count; ++c) {
+    uint64_t* lane = dst + (c / 8) * words * 8 + (c % 8);
+    const uint8_t* code = src + c * s.code_bytes;
+    for (int w = 0; w < full_words; ++w) {
+      uint64_t v;
+      std::memcpy(&v, code + w * 8, 8);
+      lane[w * 8] = v;
+    }
+    if (tail_bytes) {
+      uint64_t v = 0;
+      // Read a whole word and mask it while another code follows in memory (the over-read
+      // stays inside the database); the very last code copies its tail bytes alone.
+      if (start + c + 1 < n) {
+        std::memcpy(&v, code + full_words * 8, 8);
+        v &= tail_mask;
+      } else {
+        std::memcpy(&v, code + full_words * 8, size_t(tail_bytes));
+      }
+      lane[full_words * 8] = v;
+    }
+  }
+  for (int64_t p = count; p < blocks * 8; ++p)
+    for (int w = 0; w < words; ++w) dst[(p / 8) * words * 8 + w * 8 + (p % 8)] = 0;
   return blocks;
 }
 
@@ -226,7 +235,7 @@ void run_tasks(Parallel& par, int64_t tasks, F&& fn) {
 // Scans database positions [begin, end) for `queries` queries whose lane words are `qwords`,
 // feeding `sink` (which numbers queries from the register block it is given via set_base).
 template <typename Sink>
-void scan_range(const Shape& s, const uint8_t* db, int64_t begin, int64_t end, const uint64_t* qwords,
+void scan_range(const Shape& s, const uint8_t* db, int64_t n, int64_t begin, int64_t end, const uint64_t* qwords,
                 int64_t queries, int32_t* accept_max, Sink& sink, uint8_t* tile_buffer) {
   const bool avx512 = use_avx512();
   const int lane_bits = s.lane_bytes * 8;
@@ -239,7 +248,7 @@ void scan_range(const Shape& s, const uint8_t* db, int64_t begin, int64_t end, c
       args.tile = db + t0 * s.code_bytes;
       args.blocks = count / s.lanes;
     } else {
-      args.blocks = load_tile(s, db, t0, count, tile_buffer);
+      args.blocks = load_tile(s, db, n, t0, count, tile_buffer, avx512);
       args.tile = tile_buffer;
     }
     args.first_pos = t0;
@@ -388,7 +397,7 @@ void run_hamming_knn(const HammingKnnParams& p, Parallel& par) {
     KnnCollector collector(p.k, cap, s.max_distance, labels, sc.keys.data(), sc.sizes.data(),
                            sc.accept_max.data(), sc.tie_label_max.data(), sc.hist.data(), sc.ties.data());
     collector.reset(queries);
-    scan_range(s, p.db, begin, end, sc.qwords.data(), queries, sc.accept_max.data(), collector,
+    scan_range(s, p.db, p.n, begin, end, sc.qwords.data(), queries, sc.accept_max.data(), collector,
                sc.tile.data());
     for (int64_t q = 0; q < queries; ++q) {
       const int64_t count = collector.finish(q);
@@ -474,7 +483,7 @@ void run_hamming_range(const HammingRangeParams& p, Parallel& par, HammingRangeR
     for (int64_t q = 0; q < queries; ++q)
       code_to_words(s, p.queries + (q0 + q) * p.code_bytes, sc.qwords.data() + q * s.words);
     RangeCollector collector(lists.data() + split * p.nq + q0);
-    scan_range(s, p.db, begin, end, sc.qwords.data(), queries, sc.accept_max.data(), collector,
+    scan_range(s, p.db, p.n, begin, end, sc.qwords.data(), queries, sc.accept_max.data(), collector,
                sc.tile.data());
   });
   for (int64_t q = 0; q < p.nq; ++q) {

@@ -90,6 +90,9 @@ using ScanFn = void (*)(const ScanArgs& args, int lane_bits, int queries);
 void scan_tile_avx2(const ScanArgs& args, int lane_bits, int queries);
 void scan_tile_avx512(const ScanArgs& args, int lane_bits, int queries);
 bool cpu_has_avx512_vpopcntdq();
+// Moves whole blocks of 8 row-major codes of `words` 64-bit words (2 or 4; others do nothing)
+// into the scan layout with AVX-512 permutes; returns how many codes it moved (a multiple of 8).
+int64_t transpose_tile_avx512(const uint8_t* rows, int64_t count, int words, uint64_t* tile);
 // The R (1, 2, 4 or 8) the kernel runs best with for this shape.
 int register_queries_avx2(int lane_bits, int words);
 int register_queries_avx512(int lane_bits, int words);

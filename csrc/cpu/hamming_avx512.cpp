@@ -115,7 +115,48 @@ void scan32_r(const ScanArgs& a, int queries) {
   }
 }
 
+// 8 codes of 2 words: split even and odd qwords of the two vectors that hold them.
+CBIR_AVX512 int64_t transpose2(const uint64_t* rows, int64_t count, uint64_t* tile) {
+  const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+  int64_t c = 0;
+  for (; c + 8 <= count; c += 8) {
+    const __m512i x0 = _mm512_loadu_si512(rows + 2 * c), x1 = _mm512_loadu_si512(rows + 2 * c + 8);
+    _mm512_storeu_si512(tile + 2 * c, _mm512_permutex2var_epi64(x0, even, x1));
+    _mm512_storeu_si512(tile + 2 * c + 8, _mm512_permutex2var_epi64(x0, odd, x1));
+  }
+  return c;
+}
+
+// 8 codes of 4 words: two rounds of the even/odd split.
+CBIR_AVX512 int64_t transpose4(const uint64_t* rows, int64_t count, uint64_t* tile) {
+  const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+  int64_t c = 0;
+  for (; c + 8 <= count; c += 8) {
+    const uint64_t* r = rows + 4 * c;
+    const __m512i x0 = _mm512_loadu_si512(r), x1 = _mm512_loadu_si512(r + 8);
+    const __m512i x2 = _mm512_loadu_si512(r + 16), x3 = _mm512_loadu_si512(r + 24);
+    // Words {0, 2} and {1, 3} of codes 0-3, then of codes 4-7.
+    const __m512i a0 = _mm512_permutex2var_epi64(x0, even, x1), a1 = _mm512_permutex2var_epi64(x0, odd, x1);
+    const __m512i b0 = _mm512_permutex2var_epi64(x2, even, x3), b1 = _mm512_permutex2var_epi64(x2, odd, x3);
+    uint64_t* out = tile + 4 * c;
+    _mm512_storeu_si512(out, _mm512_permutex2var_epi64(a0, even, b0));       // word 0 of codes 0-7
+    _mm512_storeu_si512(out + 8, _mm512_permutex2var_epi64(a1, even, b1));   // word 1
+    _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi64(a0, odd, b0));   // word 2
+    _mm512_storeu_si512(out + 24, _mm512_permutex2var_epi64(a1, odd, b1));   // word 3
+  }
+  return c;
+}
+
 }  // namespace
+
+int64_t transpose_tile_avx512(const uint8_t* rows, int64_t count, int words, uint64_t* tile) {
+  const auto* r = reinterpret_cast<const uint64_t*>(rows);  // read with unaligned vector loads
+  if (words == 2) return transpose2(r, count, tile);
+  if (words == 4) return transpose4(r, count, tile);
+  return 0;
+}
 
 bool cpu_has_avx512_vpopcntdq() {
   __builtin_cpu_init();

@@ -3,8 +3,13 @@
 #include "cpu/mih.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+
+#include <sys/mman.h>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
@@ -125,9 +130,10 @@ struct Probe {
 
   // Probes table `table` at substring distance exactly `radius`, calling hit(distance, position)
   // for each code met here for the first time whose full distance is at most *bound (re-read
-  // after every hit: hit may lower it).
+  // after every hit: hit may lower it). With parts > 1 only every parts-th bucket, starting at
+  // `part`, is probed (several threads share one query).
   template <typename Hit>
-  void probe(int table, int radius, const int32_t* bound, Hit&& hit) {
+  void probe(int table, int radius, const int32_t* bound, Hit&& hit, int part = 0, int parts = 1) {
     const MihTables::Table& tb = t->tables[size_t(table)];
     if (radius > tb.bits) return;
     const int words = t->words;
@@ -149,7 +155,7 @@ struct Probe {
     // kKeyAhead buckets before they are read, and its codes (a short run of cache lines: the
     // hardware prefetcher would only catch on after the first misses) kBucketAhead buckets
     // before they are scanned, so many memory requests are in flight at once.
-    constexpr int kKeyAhead = 16, kBucketAhead = 4, kRing = 32;  // kRing: power of two > sum
+    constexpr int kKeyAhead = 16, kBucketAhead = 8, kRing = 32;  // kRing: power of two > sum
     uint32_t ring_key[kRing], ring_begin[kRing], ring_end[kRing];
     int64_t enumerated = 0, located = 0, scanned = 0;
     const uint64_t* codes = tb.codes.data();
@@ -160,7 +166,8 @@ struct Probe {
       ring_end[slot] = tb.offsets[key + 1];
       const char* p0 = reinterpret_cast<const char*>(codes + size_t(ring_begin[slot]) * size_t(words));
       const char* p1 = reinterpret_cast<const char*>(codes + size_t(ring_end[slot]) * size_t(words));
-      for (const char* p = p0; p < p1; p += 64) __builtin_prefetch(p);
+      // Into L2 (prefetcht2): the measured best for these short random runs on Zen 4.
+      for (const char* p = p0; p < p1; p += 64) __builtin_prefetch(p, 0, 1);
     };
     auto scan = [&]() {
       const int slot = int(scanned++ & (kRing - 1));
@@ -171,7 +178,9 @@ struct Probe {
       scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
                   &Context::on_hit, &ctx);
     };
+    int64_t mask_index = 0;
     for_each_mask(tb.bits, radius, [&](uint32_t mask) {
+      if (parts > 1 && (mask_index++ % parts) != part) return;
       const uint32_t key = key0 ^ mask;
       ring_key[enumerated++ & (kRing - 1)] = key;
       __builtin_prefetch(tb.offsets.data() + key);
@@ -212,6 +221,19 @@ void mih_detail::scan_bucket_scalar(const uint64_t* codes, int64_t count, const 
   }
 }
 
+void* huge_page_alloc(size_t bytes) {
+  constexpr size_t kHuge = size_t(1) << 21;
+  const bool huge = bytes >= kHuge;
+  const size_t align = huge ? kHuge : 64;
+  const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, rounded);
+  if (!p) throw std::bad_alloc();
+  if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: without it the arrays still work
+  return p;
+}
+
+void huge_page_free(void* p) noexcept { std::free(p); }
+
 size_t MihTables::memory_bytes() const {
   size_t bytes = 0;
   for (const auto& tb : tables)
@@ -220,9 +242,13 @@ size_t MihTables::memory_bytes() const {
 }
 
 int mih_default_substrings(int bits, int64_t n) {
-  const double log_n = std::log2(double(std::max<int64_t>(n, 2)));
-  int m = int(std::lround(double(bits) / log_n));
-  m = std::max(m, (bits + kMihMaxSubstringBits - 1) / kMihMaxSubstringBits);
+  // Norouzi et al. pick substrings of about log2(n) bits (one code per bucket). Here a bucket is
+  // scanned with SIMD popcounts at streaming speed while each probe costs a cache miss or two,
+  // so buckets of about 2^7 codes (about 1 KiB of 64-bit codes) measured faster: substrings of
+  // about log2(n) - 7 bits (bench/bench_hamming.py, 1M and 10M codes).
+  const int log_n = int(std::lround(std::log2(double(std::max<int64_t>(n, 2)))));
+  const int width = std::max(4, std::min(kMihMaxSubstringBits, log_n - 7));
+  const int m = (bits + width - 1) / width;
   return std::max(1, std::min(m, bits));
 }
 
@@ -280,58 +306,95 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   const Labels labels{p.ids, p.ids == nullptr || p.ids_ascending};
   const int m = int(t.tables.size());
   const int max_distance = t.code_bytes * 8;
-  const int widest = max_table_bits(t);
+  const int stages = (max_table_bits(t) + 1) * m;
   const int threads = std::max(1, par.threads());
-  struct Scratch {
-    Probe probe;
-    std::vector<int64_t> count_at;  // found codes per distance
-    std::vector<uint64_t> found;    // (distance, position) of codes within the bound when found
+  // Fewer queries than threads: the threads share each query, every part taking every
+  // parts-th bucket of each probe.
+  const int parts = int(std::max<int64_t>(1, threads / std::max<int64_t>(1, p.nq)));
+  if (p.nq == 0) return;
+
+  // Probing goes in stages s = radius * m + table; once every part has finished stage s, every
+  // code within distance s has been met (a code not met yet differs in > radius bits on tables
+  // 0..table and in >= radius bits on the others). The search ends when k codes are known
+  // within the distance reached by all parts.
+  struct Shared {
+    std::vector<std::atomic<int64_t>> count_at;  // codes met (within their part's bound) per distance
+    std::vector<std::atomic<int>> finished;      // per part: last finished stage, -1 before the first
   };
-  std::vector<Scratch> scratch(static_cast<size_t>(threads));
-  for (auto& s : scratch) {
-    s.probe.t = &t;
-    s.count_at.resize(size_t(max_distance + 1));
+  struct Part {
+    std::vector<uint64_t> found;    // (distance, position) of codes met within the bound
+    std::vector<int64_t> count_at;  // the same per distance, for this part's own bound
+  };
+  std::vector<Shared> shared(size_t(p.nq));
+  std::vector<Part> part_state(size_t(p.nq * parts));
+  std::vector<Probe> probes(static_cast<size_t>(threads));
+  for (auto& pr : probes) pr.t = &t;
+  for (auto& sh : shared) {
+    sh.count_at = std::vector<std::atomic<int64_t>>(size_t(max_distance + 1));
+    for (auto& c : sh.count_at) c.store(0, std::memory_order_relaxed);
+    sh.finished = std::vector<std::atomic<int>>(size_t(parts));
+    for (auto& f : sh.finished) f.store(-1, std::memory_order_relaxed);
   }
-  run_tasks(par, p.nq, [&](int64_t qi, int thread) {
-    Scratch& s = scratch[size_t(thread)];
-    s.probe.set_query(p.queries + qi * t.code_bytes);
-    std::fill(s.count_at.begin(), s.count_at.end(), 0);
-    s.found.clear();
-    // bound: the k-th smallest distance found so far (the largest distance until k are found);
-    // within: codes found at distance <= bound.
-    int32_t bound = max_distance;
-    int64_t within = 0;
+
+  run_tasks(par, p.nq * parts, [&](int64_t task, int thread) {
+    const int64_t qi = task / parts;
+    const int part = int(task % parts);
+    Shared& sh = shared[size_t(qi)];
+    Part& ps = part_state[size_t(task)];
+    Probe& pr = probes[size_t(thread)];
+    pr.set_query(p.queries + qi * t.code_bytes);
+    ps.count_at.assign(size_t(max_distance + 1), 0);
+    ps.found.clear();
+    int32_t bound = max_distance;  // this part's k-th smallest distance met so far
+    int64_t within = 0;            // this part's codes met at distance <= bound
     auto hit = [&](int32_t d, int64_t pos) {
-      s.found.push_back(pack_key(d, pos));
-      ++s.count_at[size_t(d)];
+      ps.found.push_back(pack_key(d, pos));
+      sh.count_at[size_t(d)].fetch_add(1, std::memory_order_relaxed);
+      ++ps.count_at[size_t(d)];
       ++within;
-      while (within >= p.k && within - s.count_at[size_t(bound)] >= p.k) within -= s.count_at[size_t(bound--)];
+      while (within >= p.k && within - ps.count_at[size_t(bound)] >= p.k) within -= ps.count_at[size_t(bound--)];
     };
-    bool done = false;
-    for (int radius = 0; radius <= widest && !done; ++radius) {
-      for (int i = 0; i < m && !done; ++i) {
-        s.probe.probe(i, radius, &bound, hit);
-        // A code not met yet differs in > radius bits on tables 0..i and >= radius on the rest,
-        // so every code within m * radius + i has been met.
-        done = within >= p.k && bound <= m * radius + i;
-      }
+    for (int stage = 0; stage < stages; ++stage) {
+      pr.probe(stage % m, stage / m, &bound, hit, part, parts);
+      sh.finished[size_t(part)].store(stage, std::memory_order_release);
+      int reached = stage;
+      for (int j = 0; j < parts; ++j) reached = std::min(reached, sh.finished[size_t(j)].load(std::memory_order_acquire));
+      if (reached < 0) continue;
+      int64_t known = 0;
+      for (int d = 0; d <= std::min(reached, max_distance) && known < p.k; ++d)
+        known += sh.count_at[size_t(d)].load(std::memory_order_relaxed);
+      if (known >= p.k) break;
     }
-    // Every code within `bound` is in `found` now; keep those, best (distance, label) first.
+  });
+
+  // Every code within the k-th distance has been met by some part; merge, keep, sort.
+  run_tasks(par, p.nq, [&](int64_t qi, int) {
+    std::vector<uint64_t>& all = part_state[size_t(qi * parts)].found;
+    for (int j = 1; j < parts; ++j) {
+      auto& more = part_state[size_t(qi * parts + j)].found;
+      all.insert(all.end(), more.begin(), more.end());
+      std::vector<uint64_t>().swap(more);
+    }
+    std::vector<int64_t> count_at(size_t(max_distance + 1), 0);
+    for (uint64_t key : all) ++count_at[size_t(key_distance(key))];
+    int32_t kth = 0;
+    for (int64_t seen = 0; (seen += count_at[size_t(kth)]) < p.k;) ++kth;
     int64_t kept = 0;
-    for (uint64_t key : s.found)
-      if (key_distance(key) <= bound) s.found[size_t(kept++)] = key;
-    sort_by_distance_then_label(s.found.data(), kept, labels);
+    for (uint64_t key : all)
+      if (key_distance(key) <= kth) all[size_t(kept++)] = key;
+    sort_by_distance_then_label(all.data(), kept, labels);
     int32_t* dist = p.out_distances + qi * p.k;
     int64_t* ids = p.out_ids + qi * p.k;
     for (int64_t j = 0; j < p.k; ++j) {
-      dist[j] = key_distance(s.found[size_t(j)]);
-      ids[j] = labels(key_pos(s.found[size_t(j)]));
+      dist[j] = key_distance(all[size_t(j)]);
+      ids[j] = labels(key_pos(all[size_t(j)]));
     }
+    std::vector<uint64_t>().swap(all);
   });
   if (p.stats) {
-    for (const auto& s : scratch) {
-      p.stats->buckets += s.probe.stats.buckets;
-      p.stats->candidates += s.probe.stats.candidates;
+    for (const auto& pr : probes) {
+      p.stats->buckets += pr.stats.buckets;
+      p.stats->candidates += pr.stats.candidates;
     }
   }
 }

@@ -18,6 +18,34 @@
 
 namespace cbir::cpu {
 
+// Allocates large arrays on 2 MiB pages where the kernel allows (madvise): probes jump around
+// hundreds of MiB of tables, and with 4 KiB pages nearly every bucket would miss the TLB.
+template <typename T>
+struct HugePageAllocator {
+  using value_type = T;
+  HugePageAllocator() = default;
+  template <typename U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}  // NOLINT(google-explicit-constructor)
+  T* allocate(size_t n);
+  void deallocate(T* p, size_t) noexcept;
+  template <typename U>
+  bool operator==(const HugePageAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const HugePageAllocator<U>&) const { return false; }
+};
+template <typename T>
+using HugeVector = std::vector<T, HugePageAllocator<T>>;
+void* huge_page_alloc(size_t bytes);
+void huge_page_free(void* p) noexcept;
+template <typename T>
+T* HugePageAllocator<T>::allocate(size_t n) {
+  return static_cast<T*>(huge_page_alloc(n * sizeof(T)));
+}
+template <typename T>
+void HugePageAllocator<T>::deallocate(T* p, size_t) noexcept {
+  huge_page_free(p);
+}
+
 struct MihTables {
   int code_bytes = 0;
   int words = 0;  // 64-bit words per code, the last zero padded
@@ -25,9 +53,9 @@ struct MihTables {
   struct Table {
     int first_bit = 0;
     int bits = 0;                    // substring width, at most kMihMaxSubstringBits
-    std::vector<uint32_t> offsets;   // [2^bits + 1]: bucket v holds entries [offsets[v], offsets[v+1])
-    std::vector<uint32_t> positions;  // [n] database positions in bucket order
-    std::vector<uint64_t> codes;     // [n, words] the codes in bucket order
+    HugeVector<uint32_t> offsets;    // [2^bits + 1]: bucket v holds entries [offsets[v], offsets[v+1])
+    HugeVector<uint32_t> positions;  // [n] database positions in bucket order
+    HugeVector<uint64_t> codes;      // [n, words] the codes in bucket order
   };
   std::vector<Table> tables;
   size_t memory_bytes() const;
@@ -35,8 +63,8 @@ struct MihTables {
 
 constexpr int kMihMaxSubstringBits = 24;
 
-// Substrings for n codes of `bits` bits: about bits / log2(n) (each bucket then holds about one
-// code), and enough that no substring is wider than kMihMaxSubstringBits.
+// Substrings for n codes of `bits` bits: substrings of about log2(n) - 7 bits (buckets of about
+// 128 codes; see mih.cpp), none wider than kMihMaxSubstringBits.
 int mih_default_substrings(int bits, int64_t n);
 
 struct MihBuildParams {

@@ -20,64 +20,54 @@ __attribute__((noinline)) void report(int64_t first, uint32_t mask, const uint64
   }
 }
 
-CBIR_AVX512 int64_t scan1(const uint64_t* codes, int64_t count, const uint64_t* q, const int32_t* bound,
-                          BucketHit hit, void* ctx) {
+CBIR_AVX512 void scan1(const uint64_t* codes, int64_t count, const uint64_t* q, const int32_t* bound,
+                       BucketHit hit, void* ctx) {
   const __m512i qv = _mm512_set1_epi64(int64_t(q[0]));
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    const __m512i d = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(codes + i), qv));
-    const __mmask8 pass = _mm512_cmple_epi64_mask(d, _mm512_set1_epi64(*bound));
+  for (int64_t i = 0; i < count; i += 8) {
+    // The last vector loads only the codes that exist (masked lanes read nothing).
+    const __mmask8 valid = count - i >= 8 ? __mmask8(0xff) : __mmask8((1u << (count - i)) - 1);
+    const __m512i x = _mm512_maskz_loadu_epi64(valid, codes + i);
+    const __m512i d = _mm512_popcnt_epi64(_mm512_xor_si512(x, qv));
+    const __mmask8 pass = _mm512_mask_cmple_epi64_mask(valid, d, _mm512_set1_epi64(*bound));
     if (__builtin_expect(pass != 0, 0)) {
       alignas(64) uint64_t lanes[8];
       _mm512_store_si512(lanes, d);
       report(i, pass, lanes, hit, ctx, bound);
     }
   }
-  return i;
 }
 
-CBIR_AVX512 int64_t scan2(const uint64_t* codes, int64_t count, const uint64_t* q, const int32_t* bound,
-                          BucketHit hit, void* ctx) {
+CBIR_AVX512 void scan2(const uint64_t* codes, int64_t count, const uint64_t* q, const int32_t* bound,
+                       BucketHit hit, void* ctx) {
   // Two codes per 128 bits: popcount both words, then add each code's pair of lanes.
   const __m512i qv = _mm512_setr_epi64(int64_t(q[0]), int64_t(q[1]), int64_t(q[0]), int64_t(q[1]),
                                        int64_t(q[0]), int64_t(q[1]), int64_t(q[0]), int64_t(q[1]));
   const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
   const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    const __m512i p0 = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(codes + 2 * i), qv));
-    const __m512i p1 = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(codes + 2 * i + 8), qv));
+  for (int64_t i = 0; i < count; i += 8) {
+    const int64_t left = count - i;
+    const __mmask8 valid = left >= 8 ? __mmask8(0xff) : __mmask8((1u << left) - 1);
+    const __mmask8 lo = left >= 4 ? __mmask8(0xff) : __mmask8((1u << (2 * left)) - 1);
+    const __mmask8 hi = left >= 8 ? __mmask8(0xff) : left <= 4 ? __mmask8(0) : __mmask8((1u << (2 * (left - 4))) - 1);
+    const __m512i p0 = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(lo, codes + 2 * i), qv));
+    const __m512i p1 = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(hi, codes + 2 * i + 8), qv));
     const __m512i d = _mm512_add_epi64(_mm512_permutex2var_epi64(p0, even, p1), _mm512_permutex2var_epi64(p0, odd, p1));
-    const __mmask8 pass = _mm512_cmple_epi64_mask(d, _mm512_set1_epi64(*bound));
+    const __mmask8 pass = _mm512_mask_cmple_epi64_mask(valid, d, _mm512_set1_epi64(*bound));
     if (__builtin_expect(pass != 0, 0)) {
       alignas(64) uint64_t lanes[8];
       _mm512_store_si512(lanes, d);
       report(i, pass, lanes, hit, ctx, bound);
     }
   }
-  return i;
 }
 
 }  // namespace
 
 void scan_bucket_avx512(const uint64_t* codes, int64_t count, const uint64_t* q, int words, const int32_t* bound,
                         BucketHit hit, void* ctx) {
-  int64_t done = 0;
-  if (words == 1) done = scan1(codes, count, q, bound, hit, ctx);
-  else if (words == 2) done = scan2(codes, count, q, bound, hit, ctx);
-  if (done >= count) return;
-  // The tail (and other widths) the plain way; entries keep their bucket numbering.
-  struct Shift {
-    BucketHit hit;
-    void* ctx;
-    int64_t offset;
-  } shift{hit, ctx, done};
-  scan_bucket_scalar(codes + done * words, count - done, q, words, bound,
-                     [](void* c, int64_t entry, int32_t d) {
-                       auto* s = static_cast<Shift*>(c);
-                       s->hit(s->ctx, entry + s->offset, d);
-                     },
-                     &shift);
+  if (words == 1) scan1(codes, count, q, bound, hit, ctx);
+  else if (words == 2) scan2(codes, count, q, bound, hit, ctx);
+  else scan_bucket_scalar(codes, count, q, words, bound, hit, ctx);
 }
 
 }  // namespace cbir::cpu::mih_detail
