@@ -12,7 +12,7 @@ Layout (all integers little-endian):
         32     8  offset of the codes: 64
         40     8  offset of the ids: the end of the codes rounded up to 64
         48     8  file bytes: the end of the ids
-        56     4  CRC-32 of the codes section followed by the ids section
+        56     4  CRC-32 of everything after the header (codes, padding, ids)
         60     4  CRC-32 of bytes 0..59
     then codes uint8 [count, bits // 8] (the house bit layout), zero padding, ids int64 [count].
 
@@ -55,8 +55,10 @@ class IndexFileContents:
     flags: int
 
 
-def _data_crc(codes: np.ndarray, ids: np.ndarray) -> int:
+def _data_crc(codes: np.ndarray, ids: np.ndarray, padding: int) -> int:
+    """CRC-32 of everything after the header: codes, zero padding, ids."""
     crc = zlib.crc32(memoryview(codes).cast("B")) if codes.size else 0
+    crc = zlib.crc32(b"\0" * padding, crc)
     if ids.size:
         crc = zlib.crc32(memoryview(ids).cast("B"), crc)
     return crc & 0xFFFFFFFF
@@ -93,8 +95,9 @@ def write_index_file(path: str | os.PathLike[str], bits: int, codes: np.ndarray,
     count = codes.shape[0]
     if codes.shape != (count, bits // 8) or ids.shape != (count,):
         raise ValueError("codes and ids do not match the code length and count")
-    header = _header(bits, count, flags, _data_crc(codes, ids))
     ids_offset = _align64(HEADER_BYTES + codes.nbytes)
+    padding = ids_offset - HEADER_BYTES - codes.nbytes
+    header = _header(bits, count, flags, _data_crc(codes, ids, padding))
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
@@ -102,7 +105,7 @@ def write_index_file(path: str | os.PathLike[str], bits: int, codes: np.ndarray,
             f.write(header)
             if codes.size:
                 f.write(memoryview(codes).cast("B"))
-            f.write(b"\0" * (ids_offset - HEADER_BYTES - codes.nbytes))
+            f.write(b"\0" * padding)
             if ids.size:
                 f.write(memoryview(ids).cast("B"))
             f.flush()
@@ -167,6 +170,6 @@ def read_index_file(path: str | os.PathLike[str], mmap: bool = True, verify: boo
             raise IndexFileError(f"{path}: truncated index file while reading")
     codes = data[codes_offset : codes_offset + count * code_bytes].reshape(count, code_bytes)
     ids = data[ids_offset : ids_offset + 8 * count].view(np.int64)
-    if verify and _data_crc(codes, ids) != data_crc:
+    if verify and zlib.crc32(memoryview(data[HEADER_BYTES:file_bytes])) & 0xFFFFFFFF != data_crc:
         raise IndexFileError(f"{path}: corrupted index file (data checksum mismatch)")
     return IndexFileContents(bits=bits, codes=codes, ids=ids, flags=flags)
