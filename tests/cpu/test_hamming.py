@@ -231,3 +231,15 @@ def test_empty_queries_and_empty_index():
     index.add(np.zeros((3, 4), np.uint8))
     d, i = index.search(np.zeros((0, 4), np.uint8), 2)
     assert d.shape == (0, 2) and i.shape == (0, 2)
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU (tests/gpu covers it)")
+    from cbir_engine.index import DeviceUnavailableError
+
+    with pytest.raises(DeviceUnavailableError, match="GPU"):
+        HammingIndex(64, device="cuda")
+    with pytest.raises(IndexArgumentError, match="gpu_backend"):
+        HammingIndex(64, device="cuda", gpu_backend="opencl")
