@@ -19,7 +19,8 @@ def export_onnx(module: Any, example_input: Any, *, opset: int = 17, dynamic_bat
     buf = io.BytesIO()
     with torch.inference_mode(False), torch.no_grad():
         if dynamo:
-            dims = {n: {0: torch.export.Dim("batch")} for n in names} if dynamic_batch else None
+            # Positional form: the dict form must use the forward()'s own argument names.
+            dims = tuple({0: torch.export.Dim("batch")} for _ in names) if dynamic_batch else None
             prog = torch.onnx.export(module, args, dynamo=True, input_names=names,
                                      output_names=["output"], dynamic_shapes=dims, opset_version=opset,
                                      verbose=False)

@@ -127,16 +127,16 @@ struct PyExecutor {
     std::vector<FloatArray> outs;
     for (const auto& r : ex->outputs()) outs.emplace_back(std::vector<py::ssize_t>(r.shape.begin(), r.shape.end()));
     {
+      // Take the pool's lock only after releasing the GIL: a thread waiting for the lock while
+      // holding the GIL would block the running thread from taking the GIL back.
+      py::gil_scoped_release nogil;
       auto lock = ex->lock();
       for (size_t i = 0; i < arrays.size(); ++i)
         std::memcpy(ex->tensor_ptr(in_refs[i]), arrays[i].data(), size_t(arrays[i].size()) * sizeof(float));
-      {
-        py::gil_scoped_release nogil;
-        ex->run_steps(times);
-        for (size_t i = 0; i < outs.size(); ++i)
-          std::memcpy(outs[i].mutable_data(), ex->tensor_ptr(ex->outputs()[i]),
-                      size_t(outs[i].size()) * sizeof(float));
-      }
+      ex->run_steps(times);
+      for (size_t i = 0; i < outs.size(); ++i)
+        std::memcpy(outs[i].mutable_data(), ex->tensor_ptr(ex->outputs()[i]),
+                    size_t(outs[i].size()) * sizeof(float));
     }
     py::list result;
     for (auto& o : outs) result.append(o);
@@ -226,6 +226,7 @@ PYBIND11_MODULE(_C, m) {
              for (const auto& r : inputs) ins.push_back(to_ref(r));
              for (const auto& r : outputs) outs.push_back(to_ref(r));
              if (!pool) throw py::value_error("pool must be a ThreadPool");
+             py::gil_scoped_release nogil;  // building may wait for a run on the same pool
              self->ex = std::make_unique<Executor>(std::move(pool), arena_bytes, std::move(consts), specs,
                                                    std::move(ins), std::move(outs));
              return self;

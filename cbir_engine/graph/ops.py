@@ -493,7 +493,7 @@ def _infer_transpose(node: Node, ins: list[Value | None]) -> Out:
 _register(
     "Transpose",
     _infer_transpose,
-    lambda n, x: [np.ascontiguousarray(np.transpose(x, n.attrs.get("perm") or None))],
+    lambda n, x: [np.asarray(np.transpose(x, n.attrs.get("perm") or None), order="C")],
 )
 
 
@@ -800,7 +800,7 @@ def _infer_split(node: Node, ins: list[Value | None]) -> Out:
 def _split_eval(node: Node, x: np.ndarray) -> list[np.ndarray]:
     axis = norm_axis(node.attrs.get("axis", 0), x.ndim)
     bounds = np.cumsum(split_sizes(node, x.shape[axis]))[:-1]
-    return [np.ascontiguousarray(p) for p in np.split(x, bounds, axis=axis)]
+    return [np.asarray(p, order="C") for p in np.split(x, bounds, axis=axis)]
 
 
 _register("Split", _infer_split, _split_eval)

@@ -91,7 +91,7 @@ def _tensor(t, where: str) -> np.ndarray:
         arr = numpy_helper.to_array(t)
     except Exception as e:  # wrong raw_data length, unknown type, missing external file
         raise ModelFormatError(f"cannot read tensor '{t.name}' ({where}): {e}") from e
-    return np.ascontiguousarray(arr)
+    return np.asarray(arr, order="C")
 
 
 def _value_type(vi, where: str) -> tuple[np.dtype, tuple | None]:

@@ -125,7 +125,7 @@ class Lowering:
 
     def constant(self, key: str, make: Callable[[], np.ndarray]) -> int:
         if key not in self._const_ids:
-            arr = np.ascontiguousarray(make(), dtype=np.float32)
+            arr = np.asarray(make(), dtype=np.float32, order="C")
             self._const_ids[key] = len(self.constants)
             self.constants.append(arr)
         return self._const_ids[key]
@@ -210,7 +210,7 @@ class Lowering:
             from cbir_engine import _C
 
             w_op = self.packed(w_name, f"conv_g{group}",
-                               lambda: _C.pack_conv2d_weight(np.ascontiguousarray(w_const.reshape(w_raw_shape), np.float32), group))
+                               lambda: _C.pack_conv2d_weight(np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C"), group))
             prepacked = 1
         act, act_a, act_b = _act(node)
         self.emit(
