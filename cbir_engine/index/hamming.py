@@ -50,7 +50,9 @@ class HammingIndex:
         method: "flat" scans every code (SIMD popcount, counting top-k); "mih" uses multi-index
             hashing (exact, same results as "flat"; fast for short codes and large databases,
             costs memory for its tables: about substrings * n * (8 * ceil(bits / 64) + 4) bytes);
-            "auto" picks per call.
+            "auto" uses multi-index hashing where it measured faster (codes of at most 64 bits,
+            at least 4M of them, k <= 256; tables built on the first such search) and the flat
+            scan otherwise.
         threads: CPU threads this index owns (None: every CPU this process may use).
         device: "cpu", or "cuda" / "cuda:N" to search on an NVIDIA GPU (needs torch with CUDA and
             triton, or nvcc for `gpu_backend="cuda"`); the codes stay on the CPU too.
@@ -99,6 +101,7 @@ class HammingIndex:
         self._mapped = False
         self._mih: Any = None  # _C.MihTables, built on first use after a change
         self._gpu: Any = None  # gpu.GpuCodes, uploaded on first use after a change
+        self._last_method = ""
 
     # ---- properties ----
     @property
@@ -141,6 +144,11 @@ class HammingIndex:
         v = self._ids[: self._n].view()
         v.flags.writeable = False
         return v
+
+    @property
+    def last_method(self) -> str:
+        """The method the latest search or range_search ran: "flat", "mih" or "gpu" ("" before any)."""
+        return self._last_method
 
     @property
     def is_mapped(self) -> bool:
@@ -251,16 +259,17 @@ class HammingIndex:
     def _use_mih(self, nq: int, k: int | None, radius: int | None = None) -> bool:
         if self._method != "auto":
             return self._method == "mih"
-        # Multi-index hashing pays off when the substrings are selective (short codes, many of
-        # them) and few results are wanted; a batch of queries amortises a flat scan instead
-        # (the database tile is read once per group of queries). Thresholds from
-        # bench/bench_hamming.py on a 2-core AMD EPYC (Zen 4).
-        if self._bits > 128 or self._n < (1 << 20):
+        # Multi-index hashing wins when its substrings are selective: short codes, millions of
+        # them, few results. Measured on a 2-core Zen 4 (bench/bench_hamming.py, random codes):
+        # 10M 64-bit codes, k=10: about 20x the flat scan one query at a time and several times
+        # faster in batches of 1000; at 1M codes the flat scan (L3-resident) is as fast or faster,
+        # and for 128-bit and longer random codes the probes reach too much of the database.
+        if self._bits > 64 or self._n < (1 << 22):
             return False
         if radius is not None:
-            return radius <= self._bits // 8
+            return radius <= self._bits // 4
         assert k is not None
-        return k <= 100 and nq <= 64
+        return k <= 256
 
     def _mih_tables(self) -> Any:
         if self._mih is None:
@@ -288,11 +297,14 @@ class HammingIndex:
             if nq == 0:
                 return np.empty((0, k), np.int32), np.empty((0, k), np.int64)
             if self._device != "cpu":
+                self._last_method = "gpu"
                 return self._gpu_codes().search(q, k)
             ids = self._ids[: self._n]
             if self._use_mih(nq, k):
+                self._last_method = "mih"
                 d, i, _ = _C.mih_knn(self._threads, self._mih_tables(), ids, self._ids_ascending, q, k)
                 return d, i
+            self._last_method = "flat"
             return _C.hamming_knn(self._threads, self._codes[: self._n], ids, self._ids_ascending, q, k)
 
     def range_search(self, queries: Any, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,7 +324,9 @@ class HammingIndex:
             if self._n == 0 or q.shape[0] == 0:
                 return (np.zeros(q.shape[0] + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
             if self._use_mih(q.shape[0], None, radius):
+                self._last_method = "mih"
                 return _C.mih_range(self._threads, self._mih_tables(), ids, q, radius)
+            self._last_method = "flat"
             return _C.hamming_range(self._threads, self._codes[: self._n], ids, q, radius)
 
     def distances(self, queries: Any) -> np.ndarray:

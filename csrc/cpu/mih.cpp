@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -82,17 +83,42 @@ void sort_by_distance_then_label(uint64_t* keys, int64_t m, const Labels& labels
   });
 }
 
-// Calls visit(mask) for every `width`-bit mask with exactly `ones` bits set, in increasing order.
-template <typename Visit>
-void for_each_mask(int width, int ones, Visit&& visit) {
-  if (ones == 0) {
-    visit(uint32_t(0));
-    return;
+// Binomial coefficients C(n, r) for n, r <= 32.
+struct Binomials {
+  uint64_t c[33][33] = {};
+  Binomials() {
+    for (int n = 0; n <= 32; ++n) {
+      c[n][0] = 1;
+      for (int r = 1; r <= n; ++r) c[n][r] = c[n - 1][r - 1] + (r < n ? c[n - 1][r] : 0);
+    }
   }
-  const uint64_t limit = uint64_t(1) << width;
-  uint64_t mask = (uint64_t(1) << ones) - 1;
-  while (mask < limit) {
+};
+const Binomials kBinomials;
+
+inline uint64_t masks_with(int width, int ones) { return ones > width ? 0 : kBinomials.c[width][ones]; }
+
+// The rank-th (from 0) `width`-bit mask with `ones` bits set, in increasing numeric order
+// (the combinatorial number system: rank = sum of C(c_i, i) over the set bits c_ones > ... > c_1).
+inline uint64_t unrank_mask(uint64_t rank, int ones) {
+  uint64_t mask = 0;
+  for (int i = ones; i >= 1; --i) {
+    int c = i - 1;
+    while (kBinomials.c[c + 1][i] <= rank) ++c;
+    mask |= uint64_t(1) << c;
+    rank -= kBinomials.c[c][i];
+  }
+  return mask;
+}
+
+// Calls visit(mask) for the masks of rank [begin, end) among `width`-bit masks with `ones` bits
+// set, in increasing numeric order.
+template <typename Visit>
+void for_each_mask(int ones, uint64_t begin, uint64_t end, Visit&& visit) {
+  if (begin >= end) return;
+  uint64_t mask = unrank_mask(begin, ones);
+  for (uint64_t r = begin; r < end; ++r) {
     visit(uint32_t(mask));
+    if (ones == 0) break;
     // Next larger integer with the same number of set bits.
     const uint64_t low = mask | (mask - 1);
     mask = (low + 1) | (((~low & (low + 1)) - 1) >> (__builtin_ctzll(mask) + 1));
@@ -130,10 +156,11 @@ struct Probe {
 
   // Probes table `table` at substring distance exactly `radius`, calling hit(distance, position)
   // for each code met here for the first time whose full distance is at most *bound (re-read
-  // after every hit: hit may lower it). With parts > 1 only every parts-th bucket, starting at
-  // `part`, is probed (several threads share one query).
+  // after every hit: hit may lower it). Only the buckets of rank [first_mask, end_mask) among
+  // the radius-`radius` neighbours of the query's substring are probed (threads sharing a query
+  // take chunks of them).
   template <typename Hit>
-  void probe(int table, int radius, const int32_t* bound, Hit&& hit, int part = 0, int parts = 1) {
+  void probe(int table, int radius, const int32_t* bound, Hit&& hit, uint64_t first_mask, uint64_t end_mask) {
     const MihTables::Table& tb = t->tables[size_t(table)];
     if (radius > tb.bits) return;
     const int words = t->words;
@@ -178,9 +205,7 @@ struct Probe {
       scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
                   &Context::on_hit, &ctx);
     };
-    int64_t mask_index = 0;
-    for_each_mask(tb.bits, radius, [&](uint32_t mask) {
-      if (parts > 1 && (mask_index++ % parts) != part) return;
+    for_each_mask(radius, first_mask, end_mask, [&](uint32_t mask) {
       const uint32_t key = key0 ^ mask;
       ring_key[enumerated++ & (kRing - 1)] = key;
       __builtin_prefetch(tb.offsets.data() + key);
@@ -306,20 +331,31 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   const Labels labels{p.ids, p.ids == nullptr || p.ids_ascending};
   const int m = int(t.tables.size());
   const int max_distance = t.code_bytes * 8;
-  const int stages = (max_table_bits(t) + 1) * m;
   const int threads = std::max(1, par.threads());
-  // Fewer queries than threads: the threads share each query, every part taking every
-  // parts-th bucket of each probe.
-  const int parts = int(std::max<int64_t>(1, threads / std::max<int64_t>(1, p.nq)));
   if (p.nq == 0) return;
 
-  // Probing goes in stages s = radius * m + table; once every part has finished stage s, every
-  // code within distance s has been met (a code not met yet differs in > radius bits on tables
-  // 0..table and in >= radius bits on the others). The search ends when k codes are known
-  // within the distance reached by all parts.
+  // Probing goes in stages s = radius * m + table. Once stages 0..s are done, every code within
+  // distance s has been met (a code not met yet differs in > radius bits on tables 0..table and
+  // in >= radius bits on the others), so the search ends when k codes are known within the
+  // last stage of a finished prefix. A stage is cut into chunks of buckets: work items, taken
+  // in order from a shared counter by whichever threads work on the query.
+  constexpr uint64_t kChunk = 64;
+  const int stages = (max_table_bits(t) + 1) * m;
+  std::vector<int64_t> stage_chunks(static_cast<size_t>(stages)), first_item(static_cast<size_t>(stages) + 1, 0);
+  for (int s = 0; s < stages; ++s) {
+    const uint64_t masks = masks_with(t.tables[size_t(s % m)].bits, s / m);
+    stage_chunks[size_t(s)] = int64_t((masks + kChunk - 1) / kChunk);
+    first_item[size_t(s) + 1] = first_item[size_t(s)] + stage_chunks[size_t(s)];
+  }
+  const int64_t items = first_item[size_t(stages)];
+  // Fewer queries than threads: the threads share each query.
+  const int parts = int(std::max<int64_t>(1, threads / p.nq));
+
   struct Shared {
-    std::vector<std::atomic<int64_t>> count_at;  // codes met (within their part's bound) per distance
-    std::vector<std::atomic<int>> finished;      // per part: last finished stage, -1 before the first
+    std::vector<std::atomic<int64_t>> count_at;  // codes met (within some part's bound) per distance
+    std::vector<std::atomic<int64_t>> chunks_done;  // per stage
+    std::atomic<int64_t> next_item{0};
+    std::atomic<bool> done{false};
   };
   struct Part {
     std::vector<uint64_t> found;    // (distance, position) of codes met within the bound
@@ -332,13 +368,12 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   for (auto& sh : shared) {
     sh.count_at = std::vector<std::atomic<int64_t>>(size_t(max_distance + 1));
     for (auto& c : sh.count_at) c.store(0, std::memory_order_relaxed);
-    sh.finished = std::vector<std::atomic<int>>(size_t(parts));
-    for (auto& f : sh.finished) f.store(-1, std::memory_order_relaxed);
+    sh.chunks_done = std::vector<std::atomic<int64_t>>(size_t(stages));
+    for (auto& c : sh.chunks_done) c.store(0, std::memory_order_relaxed);
   }
 
   run_tasks(par, p.nq * parts, [&](int64_t task, int thread) {
     const int64_t qi = task / parts;
-    const int part = int(task % parts);
     Shared& sh = shared[size_t(qi)];
     Part& ps = part_state[size_t(task)];
     Probe& pr = probes[size_t(thread)];
@@ -354,16 +389,23 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
       ++within;
       while (within >= p.k && within - ps.count_at[size_t(bound)] >= p.k) within -= ps.count_at[size_t(bound--)];
     };
-    for (int stage = 0; stage < stages; ++stage) {
-      pr.probe(stage % m, stage / m, &bound, hit, part, parts);
-      sh.finished[size_t(part)].store(stage, std::memory_order_release);
-      int reached = stage;
-      for (int j = 0; j < parts; ++j) reached = std::min(reached, sh.finished[size_t(j)].load(std::memory_order_acquire));
-      if (reached < 0) continue;
+    int covered = -1;  // stages 0..covered are done (as far as this part has looked)
+    while (!sh.done.load(std::memory_order_acquire)) {
+      const int64_t item = sh.next_item.fetch_add(1, std::memory_order_relaxed);
+      if (item >= items) break;
+      const int stage = int(std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin()) - 1;
+      const uint64_t chunk = uint64_t(item - first_item[size_t(stage)]);
+      const uint64_t masks = masks_with(t.tables[size_t(stage % m)].bits, stage / m);
+      pr.probe(stage % m, stage / m, &bound, hit, chunk * kChunk, std::min(masks, (chunk + 1) * kChunk));
+      sh.chunks_done[size_t(stage)].fetch_add(1, std::memory_order_acq_rel);
+      while (covered + 1 < stages &&
+             sh.chunks_done[size_t(covered + 1)].load(std::memory_order_acquire) == stage_chunks[size_t(covered + 1)])
+        ++covered;
+      if (covered < 0) continue;
       int64_t known = 0;
-      for (int d = 0; d <= std::min(reached, max_distance) && known < p.k; ++d)
+      for (int d = 0; d <= std::min(covered, max_distance) && known < p.k; ++d)
         known += sh.count_at[size_t(d)].load(std::memory_order_relaxed);
-      if (known >= p.k) break;
+      if (known >= p.k) sh.done.store(true, std::memory_order_release);
     }
   });
 
@@ -422,7 +464,7 @@ void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* o
     bool done = false;
     for (int sub = 0; sub <= widest && !done; ++sub) {
       for (int i = 0; i < m && !done; ++i) {
-        pr.probe(i, sub, &radius, hit);
+        pr.probe(i, sub, &radius, hit, 0, masks_with(t.tables[size_t(i)].bits, sub));
         done = m * sub + i >= radius;
       }
     }

@@ -243,3 +243,26 @@ def test_cuda_device_without_a_gpu_is_a_clear_error():
         HammingIndex(64, device="cuda")
     with pytest.raises(IndexArgumentError, match="gpu_backend"):
         HammingIndex(64, device="cuda", gpu_backend="opencl")
+
+
+def test_auto_picks_mih_for_millions_of_short_codes_with_flat_results():
+    rng = np.random.default_rng(9)
+    n = (1 << 22) + 3
+    db = random_codes(rng, n, 64)
+    q = np.concatenate([db[:2] ^ np.uint8(3), random_codes(rng, 3, 64)])
+    auto = HammingIndex(64, method="auto")
+    auto.add(db)
+    small = HammingIndex(64, method="auto")
+    small.add(db[:1000])
+    small.search(q, 5)
+    assert small.last_method == "flat"
+    flat = HammingIndex(64, method="flat")
+    flat.add(db)
+    for k in (1, 10):
+        ad, ai = auto.search(q, k)
+        assert auto.last_method == "mih"
+        fd, fi = flat.search(q, k)
+        np.testing.assert_array_equal(ad, fd)
+        np.testing.assert_array_equal(ai, fi)
+    auto.search(q, 1000)
+    assert auto.last_method == "flat"  # many results: the scan
