@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = sess.run(None, {feed: images})[0]
     ours_n = ours / np.linalg.norm(ours, axis=1, keepdims=True)
     ref_n = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-    print(f"\n{'image':<22} {'cbir-engine descriptor (first 4 of ' + str(ours.shape[1]) + ')':<46} ONNX Runtime")
+    head = f"cbir-engine descriptor (first 4 of {ours.shape[1]})"
+    print(f"\n{'image':<22} {head:<46} ONNX Runtime")
     for i, name in enumerate(names):
         a = " ".join(f"{v:+.4f}" for v in ours_n[i, :4])
         b = " ".join(f"{v:+.4f}" for v in ref_n[i, :4])

@@ -69,7 +69,8 @@ class Engine:
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}{list(s) if s else ''}" for n, s in self.input_shapes.items())
-        return f"Engine({shapes} -> {', '.join(self.output_names)}; {len(self.graph.nodes)} nodes, {self.threads} threads)"
+        outs = ", ".join(self.output_names)
+        return f"Engine({shapes} -> {outs}; {len(self.graph.nodes)} nodes, {self.threads} threads)"
 
     # ---- running ----
     def __call__(self, *inputs: Any) -> Any:
@@ -92,7 +93,8 @@ class Engine:
         missing = [n for n in self.graph.inputs if n not in feeds]
         extra = [n for n in feeds if n not in self.graph.inputs]
         if missing or extra:
-            raise ShapeError(f"inputs missing: {missing}, unknown: {extra}; the model takes {self.graph.inputs}")
+            raise ShapeError(f"inputs missing: {missing}, unknown: {extra}; "
+                             f"the model takes {self.graph.inputs}")
         return self._run(feeds)
 
     def profile(self, feeds: Mapping[str, Any] | Any, repeat: int = 1) -> list[dict[str, Any]]:

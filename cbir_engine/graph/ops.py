@@ -408,7 +408,8 @@ def _infer_reshape(node: Node, ins: list[Value | None]) -> Out:
 
 
 def _reshape_eval(node: Node, x: np.ndarray, shape: np.ndarray) -> list[np.ndarray]:
-    _, out = _infer_reshape(node, [Value("x", x.dtype, x.shape), Value("s", shape.dtype, shape.shape, shape)])[0]
+    ins = [Value("x", x.dtype, x.shape), Value("s", shape.dtype, shape.shape, shape)]
+    _, out = _infer_reshape(node, ins)[0]
     return [x.reshape(out)]
 
 
@@ -723,7 +724,8 @@ def _infer_slice(node: Node, ins: list[Value | None]) -> Out:
     consts = [v.const if v is not None else None for v in ins[1:]]
     if any(c is None for c in consts[:2]) or (len(consts) > 2 and any(
             ins[i + 1] is not None and consts[i] is None for i in range(2, len(consts)))):
-        raise NotConstant("Slice", node.origin or node.name, node.opset, "starts/ends/axes/steps must be constant")
+        raise NotConstant("Slice", node.origin or node.name, node.opset,
+                          "starts/ends/axes/steps must be constant")
     if not all(isinstance(d, int) for d in x):
         out = list(x)
         for a, *_ in slice_params(node, len(x), *(consts + [None] * (4 - len(consts)))):

@@ -15,7 +15,15 @@ import numpy as np
 
 from cbir_engine.errors import UnsupportedOpError
 from cbir_engine.graph.ir import Graph, Node
-from cbir_engine.graph.ops import OPS, conv_geometry, full_pads, reduce_axes, slice_params, softmax_blocks, split_sizes
+from cbir_engine.graph.ops import (
+    OPS,
+    conv_geometry,
+    full_pads,
+    reduce_axes,
+    slice_params,
+    softmax_blocks,
+    split_sizes,
+)
 from cbir_engine.graph.shapes import norm_axis, window_geometry
 
 ACT = {"": 0, "Relu": 1, "Clip": 2, "LeakyRelu": 3, "Sigmoid": 4}
@@ -64,6 +72,11 @@ def _act(node: Node) -> tuple[int, float, float]:
     if act == "LeakyRelu":
         return ACT[act], float(a.get("alpha", 0.01)), 0.0
     return ACT[act], 0.0, 0.0
+
+
+def _act_label(node: Node) -> str:
+    act = node.attrs.get("activation")
+    return f" +{act.lower()}" if act else ""
 
 
 def _contig_strides(shape: tuple[int, ...]) -> list[int]:
@@ -137,7 +150,8 @@ class Lowering:
         shp = tuple(shape) if shape is not None else self.shape(name)
         if v.is_const:
             if v.const.dtype != np.float32:  # type: ignore[union-attr]
-                raise UnsupportedOpError("(constant)", name, None, f"{v.const.dtype} constant read by a float32 kernel")  # type: ignore[union-attr]
+                raise UnsupportedOpError("(constant)", name, None,
+                                         f"{v.const.dtype} constant read by a float32 kernel")  # type: ignore[union-attr]
             return Operand(shp, const=self.constant(f"value:{name}", lambda: v.const))  # type: ignore[arg-type,return-value]
         return Operand(shp, value=self.root(name))
 
@@ -209,8 +223,8 @@ class Lowering:
         else:
             from cbir_engine import _C
 
-            w_op = self.packed(w_name, f"conv_g{group}",
-                               lambda: _C.pack_conv2d_weight(np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C"), group))
+            w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")
+            w_op = self.packed(w_name, f"conv_g{group}", lambda: _C.pack_conv2d_weight(w4, group))
             prepacked = 1
         act, act_a, act_b = _act(node)
         self.emit(
@@ -221,7 +235,7 @@ class Lowering:
             label=f"conv2d/{'depthwise' if depthwise else 'gemm'} {kh}x{kw}/s{sh}"
                   + (f" g{group}" if group > 1 and not depthwise else "")
                   + (" +residual" if node.input(3) else "")
-                  + (f" +{node.attrs['activation'].lower()}" if node.attrs.get("activation") else ""),
+                  + _act_label(node),
             flops=2 * math.prod(y4) * (C // group) * kh * kw,
         )
 
@@ -327,7 +341,8 @@ class Lowering:
             elif c_const is not None and full[1] == 1 and full[0] == M and M > 1:
                 bias_mode = 1
                 bias_op = Operand((M,), const=self.constant(
-                    f"gemm_rowbias:{c_name}:{beta}", lambda: beta * np.asarray(c_const, np.float64).reshape(-1)))
+                    f"gemm_rowbias:{c_name}:{beta}",
+                    lambda: beta * np.asarray(c_const, np.float64).reshape(-1)))
                 beta = 1.0
             else:
                 res_op = self.operand(c_name)
@@ -339,8 +354,7 @@ class Lowering:
             [M, N, K, a_packed, a_rs, a_cs, b_packed, b_rs, b_cs, bias_mode, res_rs, res_cs, act, 0],
             [a.get("alpha", 1.0), beta, act_a, act_b],
             [a_op, b_op, bias_op, res_op, self.operand(node.outputs[0])],
-            label="gemm" + (" packed-B" if b_packed else "")
-                  + (f" +{node.attrs['activation'].lower()}" if node.attrs.get("activation") else ""),
+            label="gemm" + (" packed-B" if b_packed else "") + _act_label(node),
             flops=2 * M * N * K,
         )
 
@@ -419,7 +433,7 @@ class Lowering:
         act, act_a, act_b = _act(node)
         self.emit(node, "binary", [op, act, len(shape), *shape, *a_st, *b_st], [act_a, act_b],
                   [self.operand(a_name), b_op, self.operand(node.outputs[0])],
-                  label=node.op.lower() + (f" +{node.attrs['activation'].lower()}" if node.attrs.get("activation") else ""))
+                  label=node.op.lower() + _act_label(node))
 
     def lower_Expand(self, node: Node) -> None:
         self._binary(node, BINARY["Add"], node.inputs[0], None)

@@ -34,7 +34,8 @@ class Plan:
 
     def executor_args(self) -> tuple:
         steps = [(s.kernel, s.ints, s.floats, [self.resolve(o) for o in s.operands]) for s in self.steps]
-        inputs = [(False, self.offsets[n], list(s)) for n, s in zip(self.input_names, self.input_shapes, strict=True)]
+        inputs = [(False, self.offsets[n], list(s))
+                  for n, s in zip(self.input_names, self.input_shapes, strict=True)]
         outputs = [(False, o[0], list(o[1])) for o in self.outputs if not isinstance(o, np.ndarray)]
         return self.arena_bytes, list(self.constants), steps, inputs, outputs
 

@@ -7,7 +7,6 @@ import sys
 import threading
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -24,7 +23,8 @@ def rand(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("opset,inits_as_inputs", [(9, True), (11, False), (13, False), (17, False), (21, False)])
+@pytest.mark.parametrize("opset,inits_as_inputs",
+                         [(9, True), (11, False), (13, False), (17, False), (21, False)])
 def test_block_matches_reference_at_several_batches(opset: int, inits_as_inputs: bool) -> None:
     model = resnet_block_model(opset, inits_as_inputs)
     engine = cbir_engine.load(model.SerializeToString())
@@ -56,7 +56,8 @@ def test_block_is_fused_to_two_convs() -> None:
 def test_sum_op_of_old_model_zoos() -> None:
     x = rand(2, 3)
     node = helper.make_node("Sum", ["a", "b", "c"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in "abc"],
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in "abc"],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
     engine = cbir_engine.load(model.SerializeToString())
@@ -107,7 +108,8 @@ def test_memory_report_for_a_chain() -> None:
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
         prev = f"c{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 32, 32])],
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 32, 32])],
                               [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     engine = cbir_engine.load(model.SerializeToString())
@@ -203,3 +205,21 @@ def test_dynamo_exported_resnet18() -> None:
         with torch.no_grad():
             ref = net(x)
         assert rel_err(engine(x).numpy(), ref.numpy()) <= 1e-4
+
+
+def test_gemm_relu_and_matmul_add_fuse() -> None:
+    w, b, w2, b2 = rand(16, 32), rand(16), rand(16, 8), rand(8)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
+             helper.make_node("Relu", ["g"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"]),
+             helper.make_node("Add", ["m", "b2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in
+                               {"w": w, "b": b, "w2": w2, "b2": b2}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    engine = cbir_engine.load(model.SerializeToString())
+    assert [n.op for n in engine.graph.nodes] == ["Gemm", "Gemm"]
+    assert engine.graph.nodes[0].attrs["activation"] == "Relu"
+    x = rand(5, 32)
+    assert rel_err(engine(x), reference(model, {"x": x})[0]) <= 1e-5

@@ -34,7 +34,7 @@ def test_truncated_file(tmp_path) -> None:
 
 def test_random_bytes(tmp_path) -> None:
     rng = np.random.default_rng(7)
-    for i in range(20):
+    for _ in range(20):
         blob = rng.integers(0, 256, size=int(rng.integers(1, 5000)), dtype=np.uint8).tobytes()
         with pytest.raises(ModelFormatError):
             cbir_engine.load(blob)

@@ -126,7 +126,7 @@ def test_mih_matches_flat_on_a_larger_database():
         np.testing.assert_array_equal(md, fd)
         np.testing.assert_array_equal(mi, fi)
     for radius in (3, 12):
-        for a, b in zip(mih.range_search(q, radius), flat.range_search(q, radius)):
+        for a, b in zip(mih.range_search(q, radius), flat.range_search(q, radius), strict=True):
             np.testing.assert_array_equal(a, b)
 
 

@@ -62,10 +62,10 @@ def test_range_same_as_faiss_with_exclusive_radius(bits):
     np.testing.assert_array_equal(lims, flims)
     for row in range(q.shape[0]):
         a, b = slice(lims[row], lims[row + 1]), slice(flims[row], flims[row + 1])
-        ours_pairs = sorted(zip(d[a].tolist(), i[a].tolist()))
-        faiss_pairs = sorted(zip(fd[b].tolist(), fi[b].tolist()))
+        ours_pairs = sorted(zip(d[a].tolist(), i[a].tolist(), strict=True))
+        faiss_pairs = sorted(zip(fd[b].tolist(), fi[b].tolist(), strict=True))
         assert ours_pairs == faiss_pairs
-        assert list(zip(d[a].tolist(), i[a].tolist())) == ours_pairs  # ours come sorted
+        assert list(zip(d[a].tolist(), i[a].tolist(), strict=True)) == ours_pairs  # ours come sorted
 
 
 def test_pack_bits_matches_faiss_real_to_binary():

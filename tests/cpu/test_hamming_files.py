@@ -1,4 +1,5 @@
-"""Index files: round trips, refusal of truncated or corrupted files, atomic save, mmap without copies."""
+"""Index files: round trips, refusal of truncated or corrupted files, atomic save, mmap
+without copies."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_round_trip(tmp_path, bits, n, mmap):
     assert loaded.is_mapped == mmap
     if n:
         q = np.random.default_rng(1).integers(0, 256, size=(3, bits // 8), dtype=np.uint8)
-        for a, b in zip(index.search(q, n), loaded.search(q, n)):
+        for a, b in zip(index.search(q, n), loaded.search(q, n), strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -166,8 +167,13 @@ def test_killed_writer_leaves_previous_file_intact(tmp_path, crash_point):
     previous.save(path)
     before = path.read_bytes()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), crash_point], stdout=subprocess.PIPE,
-                              text=True, env=env, cwd=REPO)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), crash_point],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     try:
         assert writer.stdout.readline().strip() == "about to crash"
         # The writer is in the middle of its save: a temporary file next to the target.
@@ -213,8 +219,14 @@ def test_mmap_load_of_10m_codes_does_not_copy(tmp_path):
     file_mib = path.stat().st_size / 2**20
     del index
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, str(path)], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", MMAP_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     count, mapped, grown_kib, nearest = out.stdout.split()
     assert int(count) == n and mapped == "True" and int(nearest) == 0

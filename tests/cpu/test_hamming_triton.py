@@ -51,10 +51,19 @@ INTERPRETER_CHECK = textwrap.dedent(
 
 
 def test_triton_kernel_matches_reference_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=600)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_CHECK],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.split() == ["ok", "40"]
 
@@ -72,18 +81,42 @@ def test_triton_kernels_compile_ahead_of_time_for_sm90(bits):
     words = bits // 32
     tile = {"W": words, "BQ": bq, "BN": bn, "USE_POPC": True}
     kernels = [
-        (hk.hamming_histogram_kernel, ["q_ptr", "db_ptr", "hist_ptr"], ["nq", "n"], {**tile, "NBINS": nbins}),
-        (hk.hamming_tile_counts_kernel, ["q_ptr", "db_ptr", "kth_ptr", "closer_ptr", "ties_ptr"],
-         ["nq", "n", "ntiles"], tile),
-        (hk.hamming_select_kernel, ["q_ptr", "db_ptr", "kth_ptr", "closer_total_ptr", "ties_wanted_ptr",
-                                    "closer_off_ptr", "ties_off_ptr", "out_pos_ptr", "out_dist_ptr"],
-         ["nq", "n", "ntiles", "k"], tile),
+        (
+            hk.hamming_histogram_kernel,
+            ["q_ptr", "db_ptr", "hist_ptr"],
+            ["nq", "n"],
+            {**tile, "NBINS": nbins},
+        ),
+        (
+            hk.hamming_tile_counts_kernel,
+            ["q_ptr", "db_ptr", "kth_ptr", "closer_ptr", "ties_ptr"],
+            ["nq", "n", "ntiles"],
+            tile,
+        ),
+        (
+            hk.hamming_select_kernel,
+            [
+                "q_ptr",
+                "db_ptr",
+                "kth_ptr",
+                "closer_total_ptr",
+                "ties_wanted_ptr",
+                "closer_off_ptr",
+                "ties_off_ptr",
+                "out_pos_ptr",
+                "out_dist_ptr",
+            ],
+            ["nq", "n", "ntiles", "k"],
+            tile,
+        ),
     ]
     for fn, pointers, ints, constexprs in kernels:
         signature = {name: "*i32" for name in pointers}
         signature.update({name: "i32" for name in ints})
         signature.update({name: "constexpr" for name in constexprs})
-        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(
+            triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+        )
         assert compiled.asm["cubin"], fn.__name__
         assert "popc.b32" in compiled.asm["ptx"], fn.__name__  # the hardware popcount, not the SWAR one

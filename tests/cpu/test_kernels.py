@@ -246,7 +246,8 @@ def test_transpose(perm: list | None) -> None:
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
-@pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 0, 0, 0, 0, 3], [0, 0, -1, 1, 0, 0, 1, -2]])
+@pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 0, 0, 0, 0, 3],
+                                  [0, 0, -1, 1, 0, 0, 1, -2]])
 def test_pad(mode: str, pads: list) -> None:
     x = rand(2, 3, 5, 6)
     inits = {"pads": np.array(pads, np.int64)}

@@ -26,10 +26,10 @@ def decompose_batchnorm(g: Graph) -> bool:
         view = g.add_const(np.array([-1] + [1] * (len(x_shape) - 2), np.int64), "bn_view")
         eps = g.add_const(np.array(n.attrs.get("epsilon", 1e-5), np.float32), "bn_eps")
 
-        def add(op: str, inputs: list[str], **attrs: object) -> str:
-            name = g.fresh_name(f"{n.name or 'bn'}_{op.lower()}")
+        def add(op: str, inputs: list[str], bn: Node = n) -> str:
+            name = g.fresh_name(f"{bn.name or 'bn'}_{op.lower()}")
             g.value(name)
-            out.append(Node(op, inputs, [name], dict(attrs), n.name, n.origin, n.opset))
+            out.append(Node(op, inputs, [name], {}, bn.name, bn.origin, bn.opset))
             return name
 
         scale, bias, mean, var = (add("Reshape", [p, view]) for p in params)
