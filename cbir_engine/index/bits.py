@@ -76,12 +76,16 @@ def unpack_bits(codes: Any, *, signed: bool = False, dtype: Any = None) -> np.nd
 
 
 def check_codes(codes: Any, bits: int, what: str = "codes") -> np.ndarray:
-    """Returns `codes` as a C-contiguous uint8 [n, bits // 8] array, or says clearly what is wrong."""
+    """`codes` as a C-contiguous uint8 [n, bits // 8] array, or a clear error saying what is off."""
     nbytes = code_bytes_for(bits)
     c = np.asarray(codes) if not isinstance(codes, np.ndarray) else codes
     if c.dtype != np.uint8:
         hint = ""
-        if c.dtype == np.bool_ or np.issubdtype(c.dtype, np.floating) or np.issubdtype(c.dtype, np.signedinteger):
+        if (
+            c.dtype == np.bool_
+            or np.issubdtype(c.dtype, np.floating)
+            or np.issubdtype(c.dtype, np.signedinteger)
+        ):
             hint = " (to pack {0,1}, ±1, bool or float arrays use cbir_engine.pack_bits)"
         raise DTypeError(f"{what} must be uint8 packed codes, got {c.dtype}{hint}")
     if c.ndim != 2:

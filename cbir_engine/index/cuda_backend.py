@@ -31,12 +31,16 @@ def find_nvcc() -> str | None:
 
 
 def build_library(arch: str, out_dir: Path | None = None) -> Path:
-    """Compiles hamming.cu for `arch` (e.g. "sm_90") into a shared library; cached by source hash."""
+    """Compiles hamming.cu for `arch` (e.g. "sm_90") into a shared library (cached by source hash)."""
     nvcc = find_nvcc()
     if nvcc is None:
-        raise DeviceUnavailableError("gpu_backend='cuda' needs nvcc to build csrc/cuda/hamming.cu (not found)")
+        raise DeviceUnavailableError(
+            "gpu_backend='cuda' needs nvcc to build csrc/cuda/hamming.cu (not found)"
+        )
     if not SOURCE.exists():
-        raise DeviceUnavailableError(f"gpu_backend='cuda' needs the kernel source {SOURCE} (not in this install)")
+        raise DeviceUnavailableError(
+            f"gpu_backend='cuda' needs the kernel source {SOURCE} (not in this install)"
+        )
     header = SOURCE.with_suffix(".h")
     digest = hashlib.sha256(SOURCE.read_bytes() + header.read_bytes() + arch.encode()).hexdigest()[:16]
     out_dir = out_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cbir_engine"
@@ -44,8 +48,19 @@ def build_library(arch: str, out_dir: Path | None = None) -> Path:
     lib = out_dir / f"hamming_cuda_{arch}_{digest}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [nvcc, "-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC",
-               f"-I{SOURCE.parents[1]}", str(SOURCE), "-o", str(tmp)]
+        cmd = [
+            nvcc,
+            "-O3",
+            "-std=c++17",
+            f"-arch={arch}",
+            "-shared",
+            "-Xcompiler",
+            "-fPIC",
+            f"-I{SOURCE.parents[1]}",
+            str(SOURCE),
+            "-o",
+            str(tmp),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"nvcc failed building {SOURCE.name}:\n{result.stderr}")
@@ -55,11 +70,26 @@ def build_library(arch: str, out_dir: Path | None = None) -> Path:
 
 def load_library(path: str | os.PathLike[str]) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.cbir_hamming_knn_cuda_workspace.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    lib.cbir_hamming_knn_cuda_workspace.argtypes = [
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     lib.cbir_hamming_knn_cuda_workspace.restype = ctypes.c_size_t
     lib.cbir_hamming_knn_cuda.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
     ]
     lib.cbir_hamming_knn_cuda.restype = ctypes.c_int
     return lib
@@ -91,8 +121,20 @@ def hamming_knn_cuda(queries: Any, db_t: Any, bits: int, k: int) -> tuple[Any, A
     ws_bytes = lib.cbir_hamming_knn_cuda_workspace(n, nq, bits, k)
     workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=queries.device)
     stream = torch.cuda.current_stream(queries.device).cuda_stream
-    rc = lib.cbir_hamming_knn_cuda(db_t.data_ptr(), n, words, queries.data_ptr(), nq, bits, k, out_d.data_ptr(),
-                                   out_p.data_ptr(), workspace.data_ptr(), ws_bytes, stream)
+    rc = lib.cbir_hamming_knn_cuda(
+        db_t.data_ptr(),
+        n,
+        words,
+        queries.data_ptr(),
+        nq,
+        bits,
+        k,
+        out_d.data_ptr(),
+        out_p.data_ptr(),
+        workspace.data_ptr(),
+        ws_bytes,
+        stream,
+    )
     if rc != 0:
         raise RuntimeError(f"cbir_hamming_knn_cuda failed with code {rc}")
     return out_d, out_p

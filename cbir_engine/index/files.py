@@ -68,8 +68,18 @@ def _header(bits: int, count: int, flags: int, data_crc: int) -> bytes:
     code_bytes = bits // 8
     ids_offset = _align64(HEADER_BYTES + count * code_bytes)
     file_bytes = ids_offset + 8 * count
-    fields = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, bits, flags, count, HEADER_BYTES, ids_offset,
-                          file_bytes, data_crc)
+    fields = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        HEADER_BYTES,
+        bits,
+        flags,
+        count,
+        HEADER_BYTES,
+        ids_offset,
+        file_bytes,
+        data_crc,
+    )
     return fields + struct.pack("<I", zlib.crc32(fields) & 0xFFFFFFFF)
 
 
@@ -86,8 +96,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_index_file(path: str | os.PathLike[str], bits: int, codes: np.ndarray, ids: np.ndarray,
-                     flags: int = 0) -> None:
+def write_index_file(
+    path: str | os.PathLike[str], bits: int, codes: np.ndarray, ids: np.ndarray, flags: int = 0
+) -> None:
     """Writes an index file atomically: temp file, fsync, rename over `path`, fsync the folder."""
     path = os.fspath(path)
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -120,7 +131,9 @@ def write_index_file(path: str | os.PathLike[str], bits: int, codes: np.ndarray,
     _fsync_dir(directory)
 
 
-def read_index_file(path: str | os.PathLike[str], mmap: bool = True, verify: bool = True) -> IndexFileContents:
+def read_index_file(
+    path: str | os.PathLike[str], mmap: bool = True, verify: bool = True
+) -> IndexFileContents:
     """Reads and checks an index file; with `mmap` the arrays are read-only views of the file.
 
     Anything that does not add up (magic, version, sizes against the file length, either CRC)
@@ -139,22 +152,40 @@ def read_index_file(path: str | os.PathLike[str], mmap: bool = True, verify: boo
     if len(raw) < HEADER_BYTES:
         if raw[: len(MAGIC)] != MAGIC[: len(raw)]:
             raise IndexFileError(f"{path}: not a cbir-engine Hamming index file (bad magic)")
-        raise IndexFileError(f"{path}: truncated index file ({file_size} bytes, the header alone is {HEADER_BYTES})")
-    magic, version, header_bytes, bits, flags, count, codes_offset, ids_offset, file_bytes, data_crc = (
-        _HEADER.unpack(raw[:60])
-    )
+        raise IndexFileError(
+            f"{path}: truncated index file ({file_size} bytes, the header alone is {HEADER_BYTES})"
+        )
+    (
+        magic,
+        version,
+        header_bytes,
+        bits,
+        flags,
+        count,
+        codes_offset,
+        ids_offset,
+        file_bytes,
+        data_crc,
+    ) = _HEADER.unpack(raw[:60])
     if magic != MAGIC:
         raise IndexFileError(f"{path}: not a cbir-engine Hamming index file (bad magic)")
     (header_crc,) = struct.unpack("<I", raw[60:64])
     if zlib.crc32(raw[:60]) & 0xFFFFFFFF != header_crc:
         raise IndexFileError(f"{path}: corrupted index file (header checksum mismatch)")
     if version != VERSION:
-        raise IndexFileError(f"{path}: index file format version {version}; this build reads version {VERSION}")
+        raise IndexFileError(
+            f"{path}: index file format version {version}; this build reads version {VERSION}"
+        )
     if header_bytes != HEADER_BYTES or bits <= 0 or bits % 8:
-        raise IndexFileError(f"{path}: corrupted index file (header says {bits} bits, {header_bytes} header bytes)")
+        raise IndexFileError(
+            f"{path}: corrupted index file (header says {bits} bits, {header_bytes} header bytes)"
+        )
     code_bytes = bits // 8
-    if (codes_offset != HEADER_BYTES or ids_offset != _align64(HEADER_BYTES + count * code_bytes)
-            or file_bytes != ids_offset + 8 * count):
+    if (
+        codes_offset != HEADER_BYTES
+        or ids_offset != _align64(HEADER_BYTES + count * code_bytes)
+        or file_bytes != ids_offset + 8 * count
+    ):
         raise IndexFileError(f"{path}: corrupted index file (section offsets do not match the count)")
     if file_size < file_bytes:
         raise IndexFileError(f"{path}: truncated index file ({file_size} of {file_bytes} bytes)")

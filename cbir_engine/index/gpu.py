@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ._errors import DeviceUnavailableError, IndexArgumentError
@@ -23,16 +21,20 @@ def check_device(device: str, backend: str) -> None:
         import torch
     except ImportError as e:
         raise DeviceUnavailableError(
-            f"device={device!r} needs torch with CUDA (pip install cbir-engine[torch]); torch is not installed"
+            f"device={device!r} needs torch with CUDA (pip install cbir-engine[torch]); "
+            "torch is not installed"
         ) from e
     if not torch.cuda.is_available():
         raise DeviceUnavailableError(
-            f"device={device!r} needs an NVIDIA GPU and a CUDA build of torch; torch.cuda.is_available() "
+            f"device={device!r} needs an NVIDIA GPU and a CUDA build of torch; "
+            "torch.cuda.is_available() "
             "is False on this machine (use device='cpu')"
         )
     index = int(device.split(":")[1]) if ":" in device else 0
     if index >= torch.cuda.device_count():
-        raise DeviceUnavailableError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceUnavailableError(
+            f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if backend == "triton":
         try:
             import triton  # noqa: F401
@@ -52,8 +54,15 @@ def codes_to_words(codes: np.ndarray) -> np.ndarray:
 class GpuCodes:
     """Codes on a CUDA device, word-major and in id order (so ties go to the smaller id)."""
 
-    def __init__(self, codes: np.ndarray, ids: np.ndarray, ids_ascending: bool, bits: int, device: str,
-                 backend: str):
+    def __init__(
+        self,
+        codes: np.ndarray,
+        ids: np.ndarray,
+        ids_ascending: bool,
+        bits: int,
+        device: str,
+        backend: str,
+    ):
         import torch
 
         if not ids_ascending:

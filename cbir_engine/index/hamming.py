@@ -1,4 +1,5 @@
-"""`HammingIndex`: exact Hamming search over packed binary codes (flat scan or multi-index hashing)."""
+"""`HammingIndex`: exact Hamming search over packed binary codes (flat scan or multi-index
+hashing, on the CPU or a CUDA GPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from .. import _C
 from ..errors import DTypeError, ShapeError
-from ._errors import DeviceUnavailableError, DuplicateIdError, IndexArgumentError
+from ._errors import DuplicateIdError, IndexArgumentError
 from .bits import check_codes, code_bytes_for
 from .files import FLAG_IDS_ASCENDING, read_index_file, write_index_file
 
@@ -57,15 +58,25 @@ class HammingIndex:
         device: "cpu", or "cuda" / "cuda:N" to search on an NVIDIA GPU (needs torch with CUDA and
             triton, or nvcc for `gpu_backend="cuda"`); the codes stay on the CPU too.
         mih_substrings: substrings for multi-index hashing (None: about bits / log2(n)).
-        gpu_backend: "triton" (default) or "cuda" (the CUDA C++ kernel, built with nvcc on first use).
+        gpu_backend: "triton" (default) or "cuda" (the CUDA C++ kernel, built with nvcc on first
+            use).
 
     Results are deterministic: ties in distance are broken by the smaller id, and each query's
     results are sorted by (distance, id). `range_search` includes codes at exactly `radius`
-    (distance <= radius), unlike FAISS's binary range_search, which is exclusive (distance < radius).
+    (distance <= radius), unlike FAISS's binary range_search, which is exclusive
+    (distance < radius).
     """
 
-    def __init__(self, bits: int, method: str = "auto", threads: int | None = None, *,
-                 device: str = "cpu", mih_substrings: int | None = None, gpu_backend: str = "triton"):
+    def __init__(
+        self,
+        bits: int,
+        method: str = "auto",
+        threads: int | None = None,
+        *,
+        device: str = "cpu",
+        mih_substrings: int | None = None,
+        gpu_backend: str = "triton",
+    ):
         self._bits = _as_count(bits, "bits")
         self._code_bytes = code_bytes_for(self._bits)
         if method not in _METHODS:
@@ -81,9 +92,11 @@ class HammingIndex:
             fewest = -(-self._bits // _MIH_MAX_SUBSTRING_BITS)
             if not fewest <= mih_substrings <= self._bits:
                 raise IndexArgumentError(
-                    f"mih_substrings must be in [{fewest}, {self._bits}] for {self._bits}-bit codes "
+                    f"mih_substrings must be in [{fewest}, {self._bits}] "
+                    f"for {self._bits}-bit codes "
                     f"(a substring indexes a table of 2^width buckets, width at most "
-                    f"{_MIH_MAX_SUBSTRING_BITS}), got {mih_substrings}")
+                    f"{_MIH_MAX_SUBSTRING_BITS}), got {mih_substrings}"
+                )
         self._mih_substrings = mih_substrings
         self._device = str(device)
         self._gpu_backend = gpu_backend
@@ -147,21 +160,23 @@ class HammingIndex:
 
     @property
     def last_method(self) -> str:
-        """The method the latest search or range_search ran: "flat", "mih" or "gpu" ("" before any)."""
+        """The method the latest search ran: "flat", "mih" or "gpu" ("" before any)."""
         return self._last_method
 
     @property
     def is_mapped(self) -> bool:
-        """True while the codes are read straight from a memory-mapped file (until the first change)."""
+        """True while the codes are read from a memory-mapped file (until the first change)."""
         return self._mapped
 
     def __repr__(self) -> str:
-        return (f"HammingIndex(bits={self._bits}, n={self._n}, method={self._method!r}, "
-                f"threads={self.threads}, device={self._device!r})")
+        return (
+            f"HammingIndex(bits={self._bits}, n={self._n}, method={self._method!r}, "
+            f"threads={self.threads}, device={self._device!r})"
+        )
 
     # ---- changes ----
     def add(self, codes: Any, ids: Any = None) -> None:
-        """Adds codes (uint8 [m, bits // 8]); ids default to consecutive ints after the largest so far.
+        """Adds codes (uint8 [m, bits // 8]); ids default to consecutive ints after the largest.
 
         Ids are int64 and must be unique, both among themselves and against the index
         (DuplicateIdError otherwise).
@@ -177,7 +192,9 @@ class HammingIndex:
                 return
             n = self._n
             increasing = _strictly_increasing(new_ids)
-            self._ids_ascending = self._ids_ascending and increasing and (n == 0 or new_ids[0] > self._ids[n - 1])
+            self._ids_ascending = (
+                self._ids_ascending and increasing and (n == 0 or new_ids[0] > self._ids[n - 1])
+            )
             self._reserve(n + m)
             self._codes[n : n + m] = codes
             self._ids[n : n + m] = new_ids
@@ -186,7 +203,7 @@ class HammingIndex:
             self._changed()
 
     def remove(self, ids: Any) -> int:
-        """Removes the codes with these ids (ids not in the index are ignored); returns how many went."""
+        """Removes the codes with these ids (unknown ids are ignored); returns how many went."""
         target = np.asarray(ids)
         if target.ndim == 0:
             target = target.reshape(1)
@@ -322,7 +339,11 @@ class HammingIndex:
         with self._lock:
             ids = self._ids[: self._n]
             if self._n == 0 or q.shape[0] == 0:
-                return (np.zeros(q.shape[0] + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
+                return (
+                    np.zeros(q.shape[0] + 1, np.int64),
+                    np.empty(0, np.int32),
+                    np.empty(0, np.int64),
+                )
             if self._use_mih(q.shape[0], None, radius):
                 self._last_method = "mih"
                 return _C.mih_range(self._threads, self._mih_tables(), ids, q, radius)
@@ -340,8 +361,14 @@ class HammingIndex:
         if self._gpu is None:
             from .gpu import GpuCodes
 
-            self._gpu = GpuCodes(self._codes[: self._n], self._ids[: self._n], self._ids_ascending,
-                                 self._bits, self._device, self._gpu_backend)
+            self._gpu = GpuCodes(
+                self._codes[: self._n],
+                self._ids[: self._n],
+                self._ids_ascending,
+                self._bits,
+                self._device,
+                self._gpu_backend,
+            )
         return self._gpu
 
     # ---- files ----
@@ -352,15 +379,30 @@ class HammingIndex:
             write_index_file(path, self._bits, self._codes[: self._n], self._ids[: self._n], flags)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], mmap: bool = True, *, method: str = "auto",
-             threads: int | None = None, device: str = "cpu", verify: bool = True,
-             mih_substrings: int | None = None, gpu_backend: str = "triton") -> HammingIndex:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        mmap: bool = True,
+        *,
+        method: str = "auto",
+        threads: int | None = None,
+        device: str = "cpu",
+        verify: bool = True,
+        mih_substrings: int | None = None,
+        gpu_backend: str = "triton",
+    ) -> HammingIndex:
         """Opens a saved index. With `mmap` the codes and ids are read from the mapped file, not
         copied (the first add or remove copies them). Truncated or corrupted files raise
         IndexFileError; `verify=False` skips the data checksum (which reads the whole file)."""
         contents = read_index_file(path, mmap=mmap, verify=verify)
-        index = cls(contents.bits, method=method, threads=threads, device=device,
-                    mih_substrings=mih_substrings, gpu_backend=gpu_backend)
+        index = cls(
+            contents.bits,
+            method=method,
+            threads=threads,
+            device=device,
+            mih_substrings=mih_substrings,
+            gpu_backend=gpu_backend,
+        )
         index._codes = contents.codes
         index._ids = contents.ids
         index._n = contents.codes.shape[0]

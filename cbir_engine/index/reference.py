@@ -22,16 +22,19 @@ def distances_reference(db: np.ndarray, queries: np.ndarray, chunk: int = 1 << 2
     return out
 
 
-def knn_reference(db: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_reference(
+    db: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest by (distance, id): (distances int32 [nq, k], ids int64 [nq, k])."""
     d = distances_reference(db, queries)
     order = np.lexsort((np.broadcast_to(ids, d.shape), d), axis=-1)[:, :k]
     return np.take_along_axis(d, order, axis=1).astype(np.int32), ids[order].astype(np.int64)
 
 
-def range_reference(db: np.ndarray, ids: np.ndarray, queries: np.ndarray,
-                    radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Everything with distance <= radius: (lims, distances, ids), each query sorted by (distance, id)."""
+def range_reference(
+    db: np.ndarray, ids: np.ndarray, queries: np.ndarray, radius: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Everything with distance <= radius: (lims, distances, ids), sorted by (distance, id)."""
     d = distances_reference(db, queries)
     lims = [0]
     dist_parts, id_parts = [], []
@@ -41,5 +44,8 @@ def range_reference(db: np.ndarray, ids: np.ndarray, queries: np.ndarray,
         dist_parts.append(row[hit][order])
         id_parts.append(ids[hit][order])
         lims.append(lims[-1] + hit.size)
-    return (np.array(lims, dtype=np.int64), np.concatenate(dist_parts).astype(np.int32),
-            np.concatenate(id_parts).astype(np.int64))
+    return (
+        np.array(lims, dtype=np.int64),
+        np.concatenate(dist_parts).astype(np.int32),
+        np.concatenate(id_parts).astype(np.int64),
+    )

@@ -47,8 +47,16 @@ def _popcount32(x, USE_POPC: tl.constexpr):
 
 
 @triton.jit
-def _distance_tile(q_ptr, db_ptr, nq, n, W: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
-                   USE_POPC: tl.constexpr):
+def _distance_tile(
+    q_ptr,
+    db_ptr,
+    nq,
+    n,
+    W: tl.constexpr,
+    BQ: tl.constexpr,
+    BN: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
     qi = tl.program_id(0) * BQ + tl.arange(0, BQ)
     ci = tl.program_id(1) * BN + tl.arange(0, BN)
     qmask = qi < nq
@@ -62,8 +70,18 @@ def _distance_tile(q_ptr, db_ptr, nq, n, W: tl.constexpr, BQ: tl.constexpr, BN: 
 
 
 @triton.jit
-def hamming_histogram_kernel(q_ptr, db_ptr, hist_ptr, nq, n, W: tl.constexpr, NBINS: tl.constexpr,
-                             BQ: tl.constexpr, BN: tl.constexpr, USE_POPC: tl.constexpr):
+def hamming_histogram_kernel(
+    q_ptr,
+    db_ptr,
+    hist_ptr,
+    nq,
+    n,
+    W: tl.constexpr,
+    NBINS: tl.constexpr,
+    BQ: tl.constexpr,
+    BN: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
     dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, W, BQ, BN, USE_POPC)
     valid = qmask[:, None] & cmask[None, :]
     bins = tl.arange(0, BQ)[:, None] * NBINS + dist
@@ -73,8 +91,20 @@ def hamming_histogram_kernel(q_ptr, db_ptr, hist_ptr, nq, n, W: tl.constexpr, NB
 
 
 @triton.jit
-def hamming_tile_counts_kernel(q_ptr, db_ptr, kth_ptr, closer_ptr, ties_ptr, nq, n, ntiles,
-                               W: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, USE_POPC: tl.constexpr):
+def hamming_tile_counts_kernel(
+    q_ptr,
+    db_ptr,
+    kth_ptr,
+    closer_ptr,
+    ties_ptr,
+    nq,
+    n,
+    ntiles,
+    W: tl.constexpr,
+    BQ: tl.constexpr,
+    BN: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
     dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, W, BQ, BN, USE_POPC)
     valid = qmask[:, None] & cmask[None, :]
     kth = tl.load(kth_ptr + qi, mask=qmask, other=-1)
@@ -86,9 +116,25 @@ def hamming_tile_counts_kernel(q_ptr, db_ptr, kth_ptr, closer_ptr, ties_ptr, nq,
 
 
 @triton.jit
-def hamming_select_kernel(q_ptr, db_ptr, kth_ptr, closer_total_ptr, ties_wanted_ptr, closer_off_ptr,
-                          ties_off_ptr, out_pos_ptr, out_dist_ptr, nq, n, ntiles, k,
-                          W: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, USE_POPC: tl.constexpr):
+def hamming_select_kernel(
+    q_ptr,
+    db_ptr,
+    kth_ptr,
+    closer_total_ptr,
+    ties_wanted_ptr,
+    closer_off_ptr,
+    ties_off_ptr,
+    out_pos_ptr,
+    out_dist_ptr,
+    nq,
+    n,
+    ntiles,
+    k,
+    W: tl.constexpr,
+    BQ: tl.constexpr,
+    BN: tl.constexpr,
+    USE_POPC: tl.constexpr,
+):
     dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, W, BQ, BN, USE_POPC)
     valid = qmask[:, None] & cmask[None, :]
     kth = tl.load(kth_ptr + qi, mask=qmask, other=-1)
@@ -97,8 +143,12 @@ def hamming_select_kernel(q_ptr, db_ptr, kth_ptr, closer_total_ptr, ties_wanted_
     closer_i = closer.to(tl.int32)
     ties_i = ties.to(tl.int32)
     where = qi * ntiles + tl.program_id(1)
-    closer_slot = tl.load(closer_off_ptr + where, mask=qmask, other=0)[:, None] + tl.cumsum(closer_i, axis=1) - closer_i
-    tie_rank = tl.load(ties_off_ptr + where, mask=qmask, other=0)[:, None] + tl.cumsum(ties_i, axis=1) - ties_i
+    closer_slot = (
+        tl.load(closer_off_ptr + where, mask=qmask, other=0)[:, None] + tl.cumsum(closer_i, axis=1) - closer_i
+    )
+    tie_rank = (
+        tl.load(ties_off_ptr + where, mask=qmask, other=0)[:, None] + tl.cumsum(ties_i, axis=1) - ties_i
+    )
     wanted = tl.load(ties_wanted_ptr + qi, mask=qmask, other=0)
     closer_total = tl.load(closer_total_ptr + qi, mask=qmask, other=0)
     keep_tie = ties & (tie_rank < wanted[:, None])
@@ -126,8 +176,15 @@ def tile_shape(bits: int) -> tuple[int, int, int]:
     return nbins, bq, 128
 
 
-def hamming_knn(queries: Any, db_t: Any, bits: int, k: int, *, query_chunk: int | None = None,
-                block_n: int | None = None) -> tuple[Any, Any]:
+def hamming_knn(
+    queries: Any,
+    db_t: Any,
+    bits: int,
+    k: int,
+    *,
+    query_chunk: int | None = None,
+    block_n: int | None = None,
+) -> tuple[Any, Any]:
     """k nearest by (distance, position) with Triton.
 
     queries: int32 [nq, W] code words; db_t: int32 [W, n] word-major database (torch tensors on
@@ -162,22 +219,45 @@ def hamming_knn(queries: Any, db_t: Any, bits: int, k: int, *, query_chunk: int 
         m = q.shape[0]
         grid = (triton.cdiv(m, bq), ntiles)
         hist = torch.zeros((m, nbins), dtype=torch.int32, device=device)
-        hamming_histogram_kernel[grid](q, db_t, hist, m, n, W=words, NBINS=nbins, BQ=bq, BN=bn, USE_POPC=use_popc)
+        hamming_histogram_kernel[grid](
+            q, db_t, hist, m, n, W=words, NBINS=nbins, BQ=bq, BN=bn, USE_POPC=use_popc
+        )
         running = hist.cumsum(dim=1)
         kth = (running < k).sum(dim=1).to(torch.int32)  # first bin whose running sum reaches k
-        closer_total = torch.where(kth > 0, running.gather(1, (kth.long() - 1).clamp(min=0)[:, None])[:, 0],
-                                   torch.zeros_like(kth)).to(torch.int32)
+        closer_total = torch.where(
+            kth > 0,
+            running.gather(1, (kth.long() - 1).clamp(min=0)[:, None])[:, 0],
+            torch.zeros_like(kth),
+        ).to(torch.int32)
         ties_wanted = (k - closer_total).to(torch.int32)
         closer = torch.empty((m, ntiles), dtype=torch.int32, device=device)
         ties = torch.empty((m, ntiles), dtype=torch.int32, device=device)
-        hamming_tile_counts_kernel[grid](q, db_t, kth, closer, ties, m, n, ntiles, W=words, BQ=bq, BN=bn,
-                                         USE_POPC=use_popc)
+        hamming_tile_counts_kernel[grid](
+            q, db_t, kth, closer, ties, m, n, ntiles, W=words, BQ=bq, BN=bn, USE_POPC=use_popc
+        )
         closer_off = (closer.cumsum(dim=1) - closer).to(torch.int32)
         ties_off = (ties.cumsum(dim=1) - ties).to(torch.int32)
         pos = torch.empty((m, k), dtype=torch.int32, device=device)
         dist = torch.empty((m, k), dtype=torch.int32, device=device)
-        hamming_select_kernel[grid](q, db_t, kth, closer_total, ties_wanted, closer_off, ties_off, pos, dist,
-                                    m, n, ntiles, k, W=words, BQ=bq, BN=bn, USE_POPC=use_popc)
+        hamming_select_kernel[grid](
+            q,
+            db_t,
+            kth,
+            closer_total,
+            ties_wanted,
+            closer_off,
+            ties_off,
+            pos,
+            dist,
+            m,
+            n,
+            ntiles,
+            k,
+            W=words,
+            BQ=bq,
+            BN=bn,
+            USE_POPC=use_popc,
+        )
         key = dist.to(torch.int64) * n + pos.to(torch.int64)
         key, _ = torch.sort(key, dim=1)
         out_d[q0 : q0 + m] = (key // n).to(torch.int32)

@@ -1,0 +1,363 @@
+"""Hamming search: cbir_engine.HammingIndex against faiss-cpu's binary indexes.
+
+Methods, each given the same codes, queries and thread count:
+  ours-flat   HammingIndex(method="flat"): SIMD popcount scan, counting top-k
+  ours-mih    HammingIndex(method="mih"): multi-index hashing, exact (checked equal to ours-flat)
+  faiss-flat  faiss.IndexBinaryFlat (exact; distances checked equal to ours)
+  faiss-mih   faiss.IndexBinaryMultiHash with the same substrings, nflip=2 (approximate: its
+              recall@k against the exact result is reported)
+
+Timings are interleaved (method A, B, C, D, A, B, ...); a ratio is the median over repetitions of
+the per-repetition ratio, never a ratio of two separately taken times. "1 query" means queries
+sent one call at a time (QPS = queries / total time); "1000 queries" is one batched call.
+
+Datasets: "random" (uniform random bits) and "lsh-clustered" (sign random projections of
+clustered Gaussian data: correlated bits and skewed buckets, like learned or LSH hashes; a
+stand-in for real codes, since no real image codes are available offline here).
+
+    python bench/bench_hamming.py                       # the full grid (about an hour on 2 cores)
+    python bench/bench_hamming.py --sizes 100000 --reps 2 --no-csv   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import faiss  # noqa: E402
+
+from cbir_engine import _C  # noqa: E402
+from cbir_engine.index import HammingIndex  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+CSV_PATH = RESULTS / "hamming.csv"
+PNG_PATH = RESULTS / "hamming_qps.png"
+CSV_FIELDS = [
+    "date",
+    "machine",
+    "version",
+    "faiss_version",
+    "isa",
+    "threads",
+    "dataset",
+    "n",
+    "bits",
+    "k",
+    "nq",
+    "method",
+    "qps",
+    "seconds",
+    "ratio_vs_faiss_flat",
+    "ratio_vs_ours_flat",
+    "recall",
+    "note",
+]
+MIH_MEMORY_LIMIT = 3 << 30  # skip our MIH tables beyond this (they hold one code copy per substring)
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
+
+
+def version() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    import cbir_engine
+
+    return f"cbir-engine {getattr(cbir_engine, '__version__', '?')} {commit}".strip()
+
+
+def make_codes(dataset: str, n: int, bits: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if dataset == "random":
+        return rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
+    # lsh-clustered: x = center + noise in 64-d, code = sign(x @ R). The projection is fixed per
+    # bit length (seed 12345) so database and queries share it.
+    proj = np.random.default_rng(12345 + bits).standard_normal((64, bits)).astype(np.float32)
+    centers = np.random.default_rng(777).standard_normal((1000, 64)).astype(np.float32) * 3.0
+    out = np.empty((n, bits // 8), dtype=np.uint8)
+    chunk = 1 << 18
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centers[rng.integers(0, len(centers), size=m)] + rng.standard_normal((m, 64)).astype(np.float32)
+        out[s : s + m] = np.packbits((x @ proj) > 0, axis=1, bitorder="little")
+    return out
+
+
+class Method:
+    def __init__(self, name: str, setup, run):
+        self.name, self.setup, self.run = name, setup, run
+
+
+def time_call(fn, queries: np.ndarray, nq_mode: int, k: int):
+    """Returns (seconds per query, result of the last call)."""
+    if nq_mode == 1:
+        t = time.perf_counter()
+        results = [fn(queries[i : i + 1], k) for i in range(len(queries))]
+        elapsed = time.perf_counter() - t
+        d = np.concatenate([r[0] for r in results])
+        i = np.concatenate([r[1] for r in results])
+        return elapsed / len(queries), (d, i)
+    t = time.perf_counter()
+    result = fn(queries, k)
+    return (time.perf_counter() - t) / len(queries), result
+
+
+def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
+    hits = 0
+    for a, b in zip(exact_ids, approx_ids, strict=True):
+        hits += len(set(a.tolist()) & set(b.tolist()))
+    return hits / exact_ids.size
+
+
+def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, meta):
+    threads = args.threads
+    ours_flat = HammingIndex(bits, method="flat", threads=threads)
+    ours_flat.add(db)
+    ours_mih = HammingIndex(bits, method="mih", threads=threads)
+    ours_mih.add(db)
+    m = ours_mih.mih_substrings
+    width = -(-bits // m)
+    mih_bytes = m * n * (8 * (-(-bits // 64)) + 4) + m * (4 << width)
+    have_mih = mih_bytes <= MIH_MEMORY_LIMIT
+    t = time.perf_counter()
+    if have_mih:
+        ours_mih._mih_tables()  # build outside the timed searches
+    mih_build = time.perf_counter() - t
+    faiss_flat = faiss.IndexBinaryFlat(bits)
+    faiss_flat.add(db)
+    # faiss's multi-hash: the same substring width where it divides the code, nflip=2.
+    fb = width if bits % width == 0 else 16
+    faiss_mih = faiss.IndexBinaryMultiHash(bits, bits // fb, fb)
+    faiss_mih.nflip = 2
+    t = time.perf_counter()
+    faiss_mih.add(db)
+    faiss_mih_build = time.perf_counter() - t
+    if have_mih:
+        mih_note = f"built in {mih_build:.1f}s, {mih_bytes / 2**20:.0f} MiB"
+    else:
+        mih_note = f"skipped: its tables would take {mih_bytes / 2**30:.1f} GiB"
+    print(
+        f"\n== {dataset} n={n:,} bits={bits}: "
+        f"our MIH {m} substrings of ~{width} bits ({mih_note}); "
+        f"faiss multi-hash {bits // fb} x {fb} bits (added in {faiss_mih_build:.1f}s)",
+        flush=True,
+    )
+
+    methods = [Method("ours-flat", None, ours_flat.search)]
+    if have_mih:
+        methods.append(Method("ours-mih", None, ours_mih.search))
+    methods += [
+        Method("faiss-flat", None, faiss_flat.search),
+        Method("faiss-mih", None, faiss_mih.search),
+    ]
+
+    header = f"{'nq':>5} {'k':>4} " + " ".join(f"{mm.name + ' QPS':>15}" for mm in methods)
+    header += f" {'flat/faiss':>10} {'mih/ours-flat':>13} {'faiss-mih recall':>16}"
+    print(header)
+    for nq_mode, queries in queries_by_mode.items():
+        for k in ks:
+            reps = args.reps
+            times = {mm.name: [] for mm in methods}
+            results = {}
+            for _ in range(reps):
+                for mm in methods:
+                    sec, res = time_call(mm.run, queries, nq_mode, k)
+                    times[mm.name].append(sec)
+                    results[mm.name] = res
+            exact_d, exact_i = results["ours-flat"]
+            np.testing.assert_array_equal(exact_d, results["faiss-flat"][0])  # same distances as FAISS
+            if have_mih:
+                np.testing.assert_array_equal(results["ours-mih"][0], exact_d)  # MIH: identical results
+                np.testing.assert_array_equal(results["ours-mih"][1], exact_i)
+            recall = recall_at_k(exact_i, results["faiss-mih"][1])
+            ratio_faiss = statistics.median(
+                f / o for f, o in zip(times["faiss-flat"], times["ours-flat"], strict=True)
+            )
+            ratio_mih = (
+                statistics.median(f / o for f, o in zip(times["ours-flat"], times["ours-mih"], strict=True))
+                if have_mih
+                else float("nan")
+            )
+            line = f"{nq_mode:>5} {k:>4} " + " ".join(
+                f"{1 / statistics.median(times[mm.name]):>15,.0f}" for mm in methods
+            )
+            line += f" {ratio_faiss:>9.1f}x {ratio_mih:>12.1f}x {recall:>16.3f}"
+            print(line, flush=True)
+            for mm in methods:
+                sec = statistics.median(times[mm.name])
+                row = dict(
+                    meta,
+                    dataset=dataset,
+                    n=n,
+                    bits=bits,
+                    k=k,
+                    nq=nq_mode,
+                    method=mm.name,
+                    qps=round(1 / sec, 1),
+                    seconds=f"{sec:.6g}",
+                    ratio_vs_faiss_flat=round(
+                        statistics.median(
+                            f / o for f, o in zip(times["faiss-flat"], times[mm.name], strict=True)
+                        ),
+                        2,
+                    ),
+                    ratio_vs_ours_flat=round(
+                        statistics.median(
+                            f / o for f, o in zip(times["ours-flat"], times[mm.name], strict=True)
+                        ),
+                        2,
+                    ),
+                    recall=round(recall, 4) if mm.name == "faiss-mih" else 1.0,
+                    note="" if mm.name != "faiss-mih" else f"nflip=2, {bits // fb}x{fb} bits",
+                )
+                rows.append(row)
+                if writer:
+                    writer.writerow(row)
+    del ours_flat, ours_mih, faiss_flat, faiss_mih
+    gc.collect()
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits_list = sorted({r["bits"] for r in rows})
+    modes = sorted({r["nq"] for r in rows})
+    k_plot = 10 if any(r["k"] == 10 for r in rows) else rows[0]["k"]
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(
+        len(modes), len(bits_list), figsize=(4.2 * len(bits_list), 3.6 * len(modes)), squeeze=False
+    )
+    styles = {"ours-flat": "o-", "ours-mih": "s-", "faiss-flat": "o--", "faiss-mih": "s--"}
+    for a, nq in enumerate(modes):
+        for b, bits in enumerate(bits_list):
+            ax = axes[a][b]
+            for method in styles:
+                for ds in datasets:
+                    pts = sorted(
+                        (r["n"], r["qps"])
+                        for r in rows
+                        if r["method"] == method
+                        and r["bits"] == bits
+                        and r["nq"] == nq
+                        and r["k"] == k_plot
+                        and r["dataset"] == ds
+                    )
+                    if pts:
+                        ax.plot(
+                            [p[0] for p in pts],
+                            [p[1] for p in pts],
+                            styles[method],
+                            label=f"{method} ({ds})",
+                            alpha=1.0 if ds == "random" else 0.5,
+                        )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            calls = "1 query per call" if nq == 1 else f"{nq} queries per call"
+            ax.set_title(
+                f"{bits}-bit codes, {calls}, k={k_plot}",
+                fontsize=9,
+            )
+            ax.set_xlabel("database size (codes)")
+            ax.set_ylabel("queries per second")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Hamming search QPS ({rows[0]['machine']}, {rows[0]['threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1000000,10000000")
+    parser.add_argument("--bits", default="64,128,256")
+    parser.add_argument("--k", default="1,10,100")
+    parser.add_argument("--nq", default="1,1000", help="1 = one query per call; N = one call with N queries")
+    parser.add_argument("--single-queries", type=int, default=50, help="queries sent one at a time for nq=1")
+    parser.add_argument("--datasets", default="random,lsh-clustered")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no-csv", action="store_true", help="print only; do not append to the CSV or plot")
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    bits_list = [int(b) for b in args.bits.split(",")]
+    ks = [int(k) for k in args.k.split(",")]
+    modes = [int(q) for q in args.nq.split(",")]
+    meta = dict(
+        date=dt.datetime.now().isoformat(timespec="seconds"),
+        machine=machine(),
+        version=version(),
+        faiss_version=faiss.__version__,
+        isa=_C.hamming_isa(),
+        threads=args.threads,
+    )
+    print(
+        f"{meta['machine']}; {meta['version']}; faiss {meta['faiss_version']}; "
+        f"scan: {meta['isa']}; "
+        f"{args.threads} threads"
+    )
+    rows: list[dict] = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    new_file = not CSV_PATH.exists()
+    f = None if args.no_csv else open(CSV_PATH, "a", newline="")
+    writer = None
+    if f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new_file:
+            writer.writeheader()
+    try:
+        for dataset in args.datasets.split(","):
+            for bits in bits_list:
+                for n in sizes:
+                    db = make_codes(dataset, n, bits, seed=n + bits)
+                    qsrc = make_codes(dataset, max(max(modes), args.single_queries), bits, seed=99 + bits)
+                    queries_by_mode = {
+                        m: (qsrc[: args.single_queries] if m == 1 else qsrc[:m]) for m in modes
+                    }
+                    run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, meta)
+                    if f:
+                        f.flush()
+                    del db
+                    gc.collect()
+    finally:
+        if f:
+            f.close()
+    if not args.no_csv and rows:
+        plot(rows, PNG_PATH)
+
+
+if __name__ == "__main__":
+    main()
