@@ -64,6 +64,7 @@ CSV_FIELDS = [
     "ratio_vs_faiss_flat",
     "ratio_vs_ours_flat",
     "recall",
+    "others_busy",
     "note",
 ]
 MIH_MEMORY_LIMIT = 3 << 30  # skip our MIH tables beyond this (they hold one code copy per substring)
@@ -108,6 +109,30 @@ def make_codes(dataset: str, n: int, bits: int, seed: int) -> np.ndarray:
         x = centers[rng.integers(0, len(centers), size=m)] + rng.standard_normal((m, 64)).astype(np.float32)
         out[s : s + m] = np.packbits((x @ proj) > 0, axis=1, bitorder="little")
     return out
+
+
+def busy_fraction(seconds: float = 1.0) -> float:
+    """Share of all CPU time spent busy over `seconds` (this process sleeps meanwhile)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_quiet(max_busy: float, timeout: float) -> float:
+    """Waits (up to `timeout` s) until other processes use under `max_busy` of the CPUs."""
+    deadline = time.time() + timeout
+    busy = busy_fraction()
+    while busy > max_busy and time.time() < deadline:
+        busy = busy_fraction(2.0)
+    return busy
 
 
 class Method:
@@ -181,8 +206,11 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
     header = f"{'nq':>5} {'k':>4} " + " ".join(f"{mm.name + ' QPS':>15}" for mm in methods)
     header += f" {'flat/faiss':>10} {'mih/ours-flat':>13} {'faiss-mih recall':>16}"
     print(header)
+    # Other work on the machine skews both sides (FAISS's OpenMP threads spin-wait and suffer
+    # most when a core is taken): wait for a quiet moment, and record what others were using.
     for nq_mode, queries in queries_by_mode.items():
         for k in ks:
+            load = round(wait_for_quiet(args.max_busy, args.quiet_timeout), 2)
             reps = args.reps
             times = {mm.name: [] for mm in methods}
             results = {}
@@ -209,6 +237,7 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
                 f"{1 / statistics.median(times[mm.name]):>15,.0f}" for mm in methods
             )
             line += f" {ratio_faiss:>9.1f}x {ratio_mih:>12.1f}x {recall:>16.3f}"
+            line += f"   others busy {load:.0%}"
             print(line, flush=True)
             for mm in methods:
                 sec = statistics.median(times[mm.name])
@@ -235,6 +264,7 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
                         2,
                     ),
                     recall=round(recall, 4) if mm.name == "faiss-mih" else 1.0,
+                    others_busy=load,
                     note="" if mm.name != "faiss-mih" else f"nflip=2, {bits // fb}x{fb} bits",
                 )
                 rows.append(row)
@@ -309,6 +339,13 @@ def main() -> None:
     parser.add_argument("--datasets", default="random,lsh-clustered")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--max-busy",
+        type=float,
+        default=0.15,
+        help="before each measurement wait until other processes use less than this share of the CPUs",
+    )
+    parser.add_argument("--quiet-timeout", type=float, default=90.0, help="wait at most this long (s)")
     parser.add_argument("--no-csv", action="store_true", help="print only; do not append to the CSV or plot")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)

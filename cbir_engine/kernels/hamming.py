@@ -48,17 +48,11 @@ def _popcount32(x, USE_POPC: tl.constexpr):
 
 @triton.jit
 def _distance_tile(
-    q_ptr,
-    db_ptr,
-    nq,
-    n,
-    W: tl.constexpr,
-    BQ: tl.constexpr,
-    BN: tl.constexpr,
-    USE_POPC: tl.constexpr,
+    q_ptr, db_ptr, nq, n, c0, W: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, USE_POPC: tl.constexpr
 ):
+    """Distances [BQ, BN] between this program's queries and codes c0 .. c0 + BN."""
     qi = tl.program_id(0) * BQ + tl.arange(0, BQ)
-    ci = tl.program_id(1) * BN + tl.arange(0, BN)
+    ci = c0 + tl.arange(0, BN)
     qmask = qi < nq
     cmask = ci < n
     dist = tl.zeros([BQ, BN], dtype=tl.int32)
@@ -67,6 +61,10 @@ def _distance_tile(
         cw = tl.load(db_ptr + w * n + ci, mask=cmask, other=0)
         dist += _popcount32(qw[:, None] ^ cw[None, :], USE_POPC)
     return dist, qi, ci, qmask, cmask
+
+
+# Each program covers a tile of CHUNKS * BN codes, BN at a time, so its histogram goes out in one
+# batch of atomics and the per-tile arrays stay CHUNKS times smaller.
 
 
 @triton.jit
@@ -80,12 +78,18 @@ def hamming_histogram_kernel(
     NBINS: tl.constexpr,
     BQ: tl.constexpr,
     BN: tl.constexpr,
+    CHUNKS: tl.constexpr,
     USE_POPC: tl.constexpr,
 ):
-    dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, W, BQ, BN, USE_POPC)
-    valid = qmask[:, None] & cmask[None, :]
-    bins = tl.arange(0, BQ)[:, None] * NBINS + dist
-    counts = tl.histogram(tl.reshape(bins, [BQ * BN]), BQ * NBINS, mask=tl.reshape(valid, [BQ * BN]))
+    counts = tl.zeros([BQ * NBINS], dtype=tl.int32)
+    row_bins = tl.arange(0, BQ)[:, None] * NBINS
+    for c in range(CHUNKS):
+        c0 = (tl.program_id(1) * CHUNKS + c) * BN
+        dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, c0, W, BQ, BN, USE_POPC)
+        valid = qmask[:, None] & cmask[None, :]
+        counts += tl.histogram(
+            tl.reshape(row_bins + dist, [BQ * BN]), BQ * NBINS, mask=tl.reshape(valid, [BQ * BN])
+        )
     offs = tl.program_id(0) * (BQ * NBINS) + tl.arange(0, BQ * NBINS)
     tl.atomic_add(hist_ptr + offs, counts, mask=(offs < nq * NBINS) & (counts > 0))
 
@@ -103,16 +107,23 @@ def hamming_tile_counts_kernel(
     W: tl.constexpr,
     BQ: tl.constexpr,
     BN: tl.constexpr,
+    CHUNKS: tl.constexpr,
     USE_POPC: tl.constexpr,
 ):
-    dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, W, BQ, BN, USE_POPC)
-    valid = qmask[:, None] & cmask[None, :]
+    qi = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    qmask = qi < nq
     kth = tl.load(kth_ptr + qi, mask=qmask, other=-1)
-    closer = ((dist < kth[:, None]) & valid).to(tl.int32)
-    ties = ((dist == kth[:, None]) & valid).to(tl.int32)
+    closer = tl.zeros([BQ], dtype=tl.int32)
+    ties = tl.zeros([BQ], dtype=tl.int32)
+    for c in range(CHUNKS):
+        c0 = (tl.program_id(1) * CHUNKS + c) * BN
+        dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, c0, W, BQ, BN, USE_POPC)
+        valid = qmask[:, None] & cmask[None, :]
+        closer += tl.sum(((dist < kth[:, None]) & valid).to(tl.int32), axis=1)
+        ties += tl.sum(((dist == kth[:, None]) & valid).to(tl.int32), axis=1)
     where = qi * ntiles + tl.program_id(1)
-    tl.store(closer_ptr + where, tl.sum(closer, axis=1), mask=qmask)
-    tl.store(ties_ptr + where, tl.sum(ties, axis=1), mask=qmask)
+    tl.store(closer_ptr + where, closer, mask=qmask)
+    tl.store(ties_ptr + where, ties, mask=qmask)
 
 
 @triton.jit
@@ -133,31 +144,38 @@ def hamming_select_kernel(
     W: tl.constexpr,
     BQ: tl.constexpr,
     BN: tl.constexpr,
+    CHUNKS: tl.constexpr,
     USE_POPC: tl.constexpr,
 ):
-    dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, W, BQ, BN, USE_POPC)
-    valid = qmask[:, None] & cmask[None, :]
+    qi = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    qmask = qi < nq
     kth = tl.load(kth_ptr + qi, mask=qmask, other=-1)
-    closer = (dist < kth[:, None]) & valid
-    ties = (dist == kth[:, None]) & valid
-    closer_i = closer.to(tl.int32)
-    ties_i = ties.to(tl.int32)
-    where = qi * ntiles + tl.program_id(1)
-    closer_slot = (
-        tl.load(closer_off_ptr + where, mask=qmask, other=0)[:, None] + tl.cumsum(closer_i, axis=1) - closer_i
-    )
-    tie_rank = (
-        tl.load(ties_off_ptr + where, mask=qmask, other=0)[:, None] + tl.cumsum(ties_i, axis=1) - ties_i
-    )
     wanted = tl.load(ties_wanted_ptr + qi, mask=qmask, other=0)
     closer_total = tl.load(closer_total_ptr + qi, mask=qmask, other=0)
-    keep_tie = ties & (tie_rank < wanted[:, None])
-    slot = tl.where(closer, closer_slot, closer_total[:, None] + tie_rank)
-    keep = closer | keep_tie
-    at = qi[:, None].to(tl.int64) * k + slot
-    positions = ci[None, :] + tl.zeros([BQ, BN], dtype=tl.int32)
-    tl.store(out_pos_ptr + at, positions, mask=keep)
-    tl.store(out_dist_ptr + at, dist, mask=keep)
+    where = qi * ntiles + tl.program_id(1)
+    # Next free slot for a closer code / rank of the next tie, carried over the chunks in
+    # position order.
+    closer_next = tl.load(closer_off_ptr + where, mask=qmask, other=0)
+    tie_next = tl.load(ties_off_ptr + where, mask=qmask, other=0)
+    row = qi[:, None].to(tl.int64) * k
+    for c in range(CHUNKS):
+        c0 = (tl.program_id(1) * CHUNKS + c) * BN
+        dist, qi, ci, qmask, cmask = _distance_tile(q_ptr, db_ptr, nq, n, c0, W, BQ, BN, USE_POPC)
+        valid = qmask[:, None] & cmask[None, :]
+        closer = (dist < kth[:, None]) & valid
+        ties = (dist == kth[:, None]) & valid
+        closer_i = closer.to(tl.int32)
+        ties_i = ties.to(tl.int32)
+        closer_slot = closer_next[:, None] + tl.cumsum(closer_i, axis=1) - closer_i
+        tie_rank = tie_next[:, None] + tl.cumsum(ties_i, axis=1) - ties_i
+        keep_tie = ties & (tie_rank < wanted[:, None])
+        slot = tl.where(closer, closer_slot, closer_total[:, None] + tie_rank)
+        keep = closer | keep_tie
+        positions = ci[None, :] + tl.zeros([BQ, BN], dtype=tl.int32)
+        tl.store(out_pos_ptr + row + slot, positions, mask=keep)
+        tl.store(out_dist_ptr + row + slot, dist, mask=keep)
+        closer_next += tl.sum(closer_i, axis=1)
+        tie_next += tl.sum(ties_i, axis=1)
 
 
 def interpreting() -> bool:
@@ -168,12 +186,13 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def tile_shape(bits: int) -> tuple[int, int, int]:
-    """(NBINS, BQ, BN): histogram bins per query (a power of two > bits) and the tile shape,
-    keeping BQ * NBINS (the per-program histogram) at or under 4096 bins."""
+def tile_shape(bits: int) -> tuple[int, int, int, int]:
+    """(NBINS, BQ, BN, CHUNKS): histogram bins per query (a power of two > bits), queries per
+    program (keeping BQ * NBINS, the program's histogram, at or under 4096 bins), codes per step
+    and steps per program."""
     nbins = _next_pow2(bits + 1)
     bq = max(1, min(16, 4096 // nbins))
-    return nbins, bq, 128
+    return nbins, bq, 128, 8
 
 
 def hamming_knn(
@@ -184,6 +203,7 @@ def hamming_knn(
     *,
     query_chunk: int | None = None,
     block_n: int | None = None,
+    chunks: int | None = None,
 ) -> tuple[Any, Any]:
     """k nearest by (distance, position) with Triton.
 
@@ -201,12 +221,12 @@ def hamming_knn(
         raise ValueError(f"k must be in [1, {n}]")
     if n * words >= 2**31:
         raise ValueError("the Triton kernel indexes the database with 32-bit offsets (n * words < 2^31)")
-    nbins, bq, bn = tile_shape(bits)
-    if block_n is not None:
-        bn = block_n
+    nbins, bq, bn, steps = tile_shape(bits)
+    bn = block_n or bn
+    steps = chunks or steps
     use_popc = not interpreting()
     device = queries.device
-    ntiles = triton.cdiv(n, bn)
+    ntiles = triton.cdiv(n, bn * steps)
     # Per chunk the intermediates hold (bins + 2 * tiles) ints per query.
     if query_chunk is None:
         query_chunk = max(bq, min(nq, (64 << 20) // (4 * (nbins + 2 * ntiles) + 1)))
@@ -220,7 +240,7 @@ def hamming_knn(
         grid = (triton.cdiv(m, bq), ntiles)
         hist = torch.zeros((m, nbins), dtype=torch.int32, device=device)
         hamming_histogram_kernel[grid](
-            q, db_t, hist, m, n, W=words, NBINS=nbins, BQ=bq, BN=bn, USE_POPC=use_popc
+            q, db_t, hist, m, n, W=words, NBINS=nbins, BQ=bq, BN=bn, CHUNKS=steps, USE_POPC=use_popc
         )
         running = hist.cumsum(dim=1)
         kth = (running < k).sum(dim=1).to(torch.int32)  # first bin whose running sum reaches k
@@ -233,7 +253,7 @@ def hamming_knn(
         closer = torch.empty((m, ntiles), dtype=torch.int32, device=device)
         ties = torch.empty((m, ntiles), dtype=torch.int32, device=device)
         hamming_tile_counts_kernel[grid](
-            q, db_t, kth, closer, ties, m, n, ntiles, W=words, BQ=bq, BN=bn, USE_POPC=use_popc
+            q, db_t, kth, closer, ties, m, n, ntiles, W=words, BQ=bq, BN=bn, CHUNKS=steps, USE_POPC=use_popc
         )
         closer_off = (closer.cumsum(dim=1) - closer).to(torch.int32)
         ties_off = (ties.cumsum(dim=1) - ties).to(torch.int32)
@@ -256,6 +276,7 @@ def hamming_knn(
             W=words,
             BQ=bq,
             BN=bn,
+            CHUNKS=steps,
             USE_POPC=use_popc,
         )
         key = dist.to(torch.int64) * n + pos.to(torch.int64)

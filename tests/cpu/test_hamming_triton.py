@@ -38,9 +38,9 @@ INTERPRETER_CHECK = textwrap.dedent(
             q = np.concatenate([db[:1], rng.integers(0, 256, size=(6, bits // 8), dtype=np.uint8)])
             words = torch.from_numpy(codes_to_words(db))
             for k in sorted({1, min(5, n), n}):
-                # block_n=128 and a query chunk of 3: several tiles and chunks even when small.
+                # Steps of 64 codes, 2 per program, chunks of 4 queries: several of each even when small.
                 d, p = hamming_knn(torch.from_numpy(codes_to_words(q)), words.T.contiguous(), bits, k,
-                                   query_chunk=3, block_n=128)
+                                   query_chunk=4, block_n=64, chunks=2)
                 rd, ri = knn_reference(db, np.arange(n, dtype=np.int64), q, k)
                 np.testing.assert_array_equal(d.numpy(), rd)
                 np.testing.assert_array_equal(p.numpy(), ri)
@@ -77,9 +77,9 @@ def test_triton_kernels_compile_ahead_of_time_for_sm90(bits):
 
     if hk.interpreting():
         pytest.skip("TRITON_INTERPRET is set in this process")
-    nbins, bq, bn = hk.tile_shape(bits)
+    nbins, bq, bn, chunks = hk.tile_shape(bits)
     words = bits // 32
-    tile = {"W": words, "BQ": bq, "BN": bn, "USE_POPC": True}
+    tile = {"W": words, "BQ": bq, "BN": bn, "CHUNKS": chunks, "USE_POPC": True}
     kernels = [
         (
             hk.hamming_histogram_kernel,
