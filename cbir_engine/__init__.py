@@ -34,6 +34,7 @@ def load(
     optimize: bool = True,
 ) -> Engine:
     """Loads an ONNX model (path, bytes or onnx.ModelProto), optimises it and returns an Engine.
+    A path to a plan saved by `Engine.save` loads that instead (memory-mapped, already packed).
 
     threads: worker threads for the kernels (default: the CPUs this process may use).
     check_finite: raise NonFiniteError when an input or output holds NaN or infinity.
@@ -41,7 +42,12 @@ def load(
     """
     from cbir_engine.graph.passes import optimize as run_passes
     from cbir_engine.onnx.importer import import_model, read_model
+    from cbir_engine.plan.serialize import is_plan_file, load_plan
 
+    if isinstance(model, (str, os.PathLike)) and is_plan_file(model):
+        graph, packed, packed_only, opset = load_plan(model)
+        return Engine(graph, threads=threads, check_finite=check_finite, device=device, opset=opset,
+                      packed=packed, packed_only=packed_only)
     proto = read_model(model)
     graph, opset = import_model(proto)
     del proto

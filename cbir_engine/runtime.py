@@ -8,6 +8,7 @@ all of them.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,7 +31,9 @@ class Engine:
     """A model ready to run. Create with `cbir_engine.load` or `cbir_engine.from_torch`."""
 
     def __init__(self, graph: Graph, *, threads: int | None = None, check_finite: bool = False,
-                 device: str = "cpu", opset: int | None = None) -> None:
+                 device: str = "cpu", opset: int | None = None,
+                 packed: dict[tuple[str, str], np.ndarray] | None = None,
+                 packed_only: set[str] | None = None) -> None:
         from cbir_engine import _C
 
         if device != "cpu":
@@ -42,7 +45,8 @@ class Engine:
         self.opset = opset
         self.check_finite = check_finite
         self._pool = _C.ThreadPool(threads or 0)
-        self._packed: dict[tuple[str, str], np.ndarray] = {}
+        self._packed: dict[tuple[str, str], np.ndarray] = dict(packed or {})
+        self._packed_only = frozenset(packed_only or ())
         self._plans: dict[tuple, tuple[Plan, Any]] = {}
         self._lock = threading.Lock()
         for name in graph.inputs:
@@ -206,7 +210,17 @@ class Engine:
         propagate(g, strict=True)
         run_to_fixpoint(g, [decompose_batchnorm, remove_identity, remove_dead_nodes])
         propagate(g, strict=True)
-        return build_plan(g, self._pack)
+        return build_plan(g, self._pack, self._packed_only)
+
+    def save(self, path: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Saves the optimised graph with its prepacked weights (written atomically), for a fast
+        `cbir_engine.load(path)`. Weights are packed for `input_shapes` (default: batch 1) first."""
+        from cbir_engine.plan.serialize import save_plan
+
+        plan = self.plan_for(input_shapes or self._default_shapes())
+        packed_names = {name for name, _ in self._packed}
+        save_plan(path, self.graph, self._packed, (packed_names - plan.raw_constants) | self._packed_only,
+                  self.opset)
 
     def _default_shapes(self) -> dict[str, tuple[int, ...]]:
         """The last shapes run, else the declared ones with a symbolic batch dim set to 1."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cbir_engine.errors import UnsupportedOpError
+from cbir_engine.errors import PlanFileError, UnsupportedOpError
 from cbir_engine.graph.ir import Graph, Node
 from cbir_engine.graph.ops import (
     OPS,
@@ -117,9 +117,11 @@ Packer = Callable[[str, str, Callable[[], np.ndarray]], np.ndarray]
 class Lowering:
     """Turns the nodes of a specialised graph into PlanSteps."""
 
-    def __init__(self, g: Graph, packer: Packer):
+    def __init__(self, g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset()):
         self.g = g
         self.packer = packer
+        self.packed_only = packed_only  # constants present only in packed form (loaded plans)
+        self.raw_constants: set[str] = set()  # constants kernels read as they are
         self.steps: list[PlanStep] = []
         self.constants: list[np.ndarray] = []
         self._const_ids: dict[str, int] = {}
@@ -149,6 +151,10 @@ class Lowering:
         v = self.g.values[name]
         shp = tuple(shape) if shape is not None else self.shape(name)
         if v.is_const:
+            if name in self.packed_only:
+                raise PlanFileError(f"the saved plan holds '{name}' only prepacked, but a kernel "
+                                    "needs it raw; save the plan again from the ONNX model")
+            self.raw_constants.add(name)
             if v.const.dtype != np.float32:  # type: ignore[union-attr]
                 raise UnsupportedOpError("(constant)", name, None,
                                          f"{v.const.dtype} constant read by a float32 kernel")  # type: ignore[union-attr]
@@ -156,6 +162,9 @@ class Lowering:
         return Operand(shp, value=self.root(name))
 
     def packed(self, name: str, kind: str, make: Callable[[], np.ndarray]) -> Operand:
+        if name in self.packed_only:
+            def make() -> np.ndarray:
+                raise PlanFileError(f"the saved plan lacks the '{kind}' packing of '{name}'")
         arr = self.packer(name, kind, make)
         return Operand((arr.size,), const=self.constant(f"{kind}:{name}", lambda: arr))
 

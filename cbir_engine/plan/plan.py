@@ -22,6 +22,7 @@ class Plan:
     # Per output: the arena offset and shape, or a constant array (folded at plan time).
     outputs: list[tuple[int, tuple[int, ...]] | np.ndarray]
     offsets: dict[str, int]
+    raw_constants: set[str]  # graph constants the kernels read unpacked
     arena_bytes: int
     intermediate_bytes: int  # sum of every buffer's size, had each its own allocation
 
@@ -40,9 +41,9 @@ class Plan:
         return self.arena_bytes, list(self.constants), steps, inputs, outputs
 
 
-def build_plan(g: Graph, packer: Packer) -> Plan:
+def build_plan(g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset()) -> Plan:
     """Lowers a specialised graph (every shape known) and plans its memory."""
-    low = Lowering(g, packer)
+    low = Lowering(g, packer, packed_only)
     low.run()
     n_steps = len(low.steps)
     first: dict[str, int] = {}
@@ -89,6 +90,7 @@ def build_plan(g: Graph, packer: Packer) -> Plan:
         output_names=list(g.output_names),
         outputs=out_refs,
         offsets=offsets,
+        raw_constants=low.raw_constants,
         arena_bytes=arena,
         intermediate_bytes=sum(b.nbytes for b in buffers),
     )
