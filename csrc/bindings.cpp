@@ -11,6 +11,7 @@
 
 #include "cpu/conv.h"
 #include "cpu/gemm.h"
+#include "cpu/peak.h"
 #include "runtime/executor.h"
 #include "runtime/thread_pool.h"
 // ---- hamming index includes (owned by the Hamming index work) ----
@@ -151,6 +152,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("default_threads", &cbir::runtime::default_threads, "CPUs this process may run on");
   m.def("kernel_names", &cbir::runtime::kernel_names, "kernels a plan step may name");
+  m.def(
+      "measure_fma_gflops",
+      [](int threads, double seconds) {
+        if (threads < 0 || !(seconds > 0.0)) throw py::value_error("threads >= 0 and seconds > 0");
+        py::gil_scoped_release nogil;
+        cbir::runtime::ThreadPool pool(threads);
+        return cbir::cpu::measure_fma_gflops(pool, seconds);
+      },
+      py::arg("threads") = 0, py::arg("seconds") = 0.5, "measured FMA peak (GFLOP/s, fp32, AVX2)");
 
   m.def(
       "pack_conv2d_weight",

@@ -467,6 +467,7 @@ void Executor::run_steps(std::vector<int64_t>* times_ns) {
       steps_[i]->run(*pool_);
     }
   }
+  pool_->rest();
 }
 
 }  // namespace cbir::runtime

@@ -71,6 +71,7 @@ void ThreadPool::run(int64_t n, cpu::TaskFn fn) {
     job_n_ = n;
     next_.store(0, std::memory_order_relaxed);
     active_.store(nthreads_ - 1, std::memory_order_relaxed);
+    resting_.store(false, std::memory_order_relaxed);
     ++generation_;
     published_.store(generation_, std::memory_order_release);
   }
@@ -92,7 +93,7 @@ void ThreadPool::worker(int id) {
   for (;;) {
     // Spin a little: the next layer's job usually arrives within microseconds.
     bool got = false;
-    for (int spins = 0; spins < 40000; ++spins) {
+    for (int spins = 0; spins < 40000 && !resting_.load(std::memory_order_relaxed); ++spins) {
       if (published_.load(std::memory_order_acquire) != seen) {
         got = true;
         break;

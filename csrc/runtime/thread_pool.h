@@ -28,6 +28,9 @@ class ThreadPool final : public cpu::Parallel {
   void reserve_scratch(size_t floats);
   // Several executors may share one pool; a caller holds this around a whole network run.
   std::mutex& run_mutex() { return run_mu_; }
+  // Workers spin between the jobs of one network run; after it they should sleep at once, or
+  // they take cores from whatever the process runs next (torch, ONNX Runtime, Python).
+  void rest() { resting_.store(true, std::memory_order_relaxed); }
 
  private:
   struct AlignedFree {
@@ -50,6 +53,7 @@ class ThreadPool final : public cpu::Parallel {
   std::atomic<int64_t> next_{0};
   std::atomic<int> active_{0};
   std::atomic<uint64_t> published_{0};  // generation visible to spinning workers
+  std::atomic<bool> resting_{true};
 
   std::unique_ptr<float[], AlignedFree> scratch_;
   size_t scratch_floats_ = 0;

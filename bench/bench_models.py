@@ -1,0 +1,166 @@
+"""CPU inference: cbir-engine against ONNX Runtime and torch eager, interleaved in one process.
+
+For each model and batch size the three runtimes run in turn (ours, ORT, torch, ours, ...) with
+the same thread count; the table shows median times and the medians of the per-round ratios, and
+our achieved GFLOP/s against the measured FMA peak. Rows are appended to
+bench/results/cpu_models.csv.
+
+    python bench/bench_models.py [--models resnet50,vgg16] [--batches 1,8] [--threads 2] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODELS = "resnet50,vgg16,googlenet,inception_v3,densenet121,seresnet50"
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu_models.csv"
+CACHE = Path(os.environ.get("CBIR_BENCH_CACHE", "/tmp/cbir_bench_models"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def onnx_file(name: str) -> tuple[Path, int]:
+    """Exports the seed network once (seeded random weights) and caches the file."""
+    import torch
+
+    from cbir_engine.models import SEED_NETWORKS, build
+    from cbir_engine.torch_backend import export_onnx
+
+    size = SEED_NETWORKS[name].input_size
+    path = CACHE / f"{name}.onnx"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        module, size = build(name, seed=0)
+        path.write_bytes(export_onnx(module, torch.zeros(1, 3, size, size)))
+    return path, size
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=DEFAULT_MODELS)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--no-torch", action="store_true", help="skip torch eager")
+    ap.add_argument("--no-csv", action="store_true")
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+
+    import cbir_engine
+    from cbir_engine import _C
+    from cbir_engine.models import build
+
+    torch.set_num_threads(args.threads)
+    peak = _C.measure_fma_gflops(args.threads, 1.0)
+    print(f"{cpu_name()}, {args.threads} threads, measured FMA peak {peak:.0f} GFLOP/s (fp32 AVX2)")
+    header = (f"{'model':<14}{'batch':>6}{'ours ms':>10}{'ORT ms':>10}{'torch ms':>10}"
+              f"{'ours/ORT':>10}{'ours/torch':>12}{'GFLOP/s':>9}{'% peak':>8}")
+    print(header)
+    rows = []
+    for name in args.models.split(","):
+        path, size = onnx_file(name)
+        engine = cbir_engine.load(path, threads=args.threads)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = sess.get_inputs()[0].name
+        module = None if args.no_torch else build(name, seed=0)[0]
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+            xt = torch.from_numpy(x)
+
+            def run_ours(x=x):
+                return engine(x)
+
+            def run_ort(x=x):
+                return sess.run(None, {feed: x})
+
+            def run_torch(xt=xt):
+                with torch.inference_mode():
+                    return module(xt)
+
+            for fn in (run_ours, run_ort) + (() if module is None else (run_torch,)):
+                fn()  # warm-up: specialisation, allocation, lazy init
+            t_ours, t_ort, t_torch, r_ort, r_torch = [], [], [], [], []
+            for _ in range(args.rounds):
+                a = timed(run_ours)
+                b = timed(run_ort)
+                t_ours.append(a)
+                t_ort.append(b)
+                r_ort.append(a / b)
+                if module is not None:
+                    c = timed(run_torch)
+                    t_torch.append(c)
+                    r_torch.append(a / c)
+            flops = sum(r["flops"] for r in engine.profile(x))
+            med = statistics.median(t_ours)
+            gflops = flops / med / 1e9
+            row = {
+                "date": dt.datetime.now().isoformat(timespec="seconds"),
+                "machine": f"{cpu_name()} ({os.cpu_count()} cpus)",
+                "version": f"cbir-engine {cbir_engine.__version__} {git_rev()}; onnxruntime {ort.__version__}; "
+                           f"torch {torch.__version__}",
+                "model": name, "batch": batch, "threads": args.threads,
+                "ours_ms": round(med * 1e3, 2), "ort_ms": round(statistics.median(t_ort) * 1e3, 2),
+                "torch_ms": round(statistics.median(t_torch) * 1e3, 2) if t_torch else "",
+                "ours_over_ort": round(statistics.median(r_ort), 3),
+                "ours_over_torch": round(statistics.median(r_torch), 3) if r_torch else "",
+                "gflops": round(gflops, 1), "peak_gflops": round(peak, 1),
+            }
+            rows.append(row)
+            torch_ms = f"{row['torch_ms']:>10.1f}" if t_torch else f"{'-':>10}"
+            r_t = f"{row['ours_over_torch']:>12.2f}" if r_torch else f"{'-':>12}"
+            print(f"{name:<14}{batch:>6}{row['ours_ms']:>10.1f}{row['ort_ms']:>10.1f}{torch_ms}"
+                  f"{row['ours_over_ort']:>10.2f}{r_t}{gflops:>9.1f}{100 * gflops / peak:>7.0f}%",
+                  flush=True)
+    if not args.no_csv:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        new = not RESULTS.exists()
+        with RESULTS.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+        print(f"appended {len(rows)} rows to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
