@@ -33,7 +33,7 @@ class Engine:
     def __init__(self, graph: Graph, *, threads: int | None = None, check_finite: bool = False,
                  device: str = "cpu", opset: int | None = None,
                  packed: dict[tuple[str, str], np.ndarray] | None = None,
-                 packed_only: set[str] | None = None) -> None:
+                 packed_only: set[str] | None = None, winograd: bool = True) -> None:
         from cbir_engine import _C
 
         if device != "cpu":
@@ -47,6 +47,7 @@ class Engine:
         self._pool = _C.ThreadPool(threads or 0)
         self._packed: dict[tuple[str, str], np.ndarray] = dict(packed or {})
         self._packed_only = frozenset(packed_only or ())
+        self.winograd = winograd
         self._plans: dict[tuple, tuple[Plan, Any]] = {}
         self._lock = threading.Lock()
         for name in graph.inputs:
@@ -210,7 +211,7 @@ class Engine:
         propagate(g, strict=True)
         run_to_fixpoint(g, [decompose_batchnorm, remove_identity, remove_dead_nodes])
         propagate(g, strict=True)
-        return build_plan(g, self._pack, self._packed_only)
+        return build_plan(g, self._pack, self._packed_only, self.winograd)
 
     def save(self, path: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         """Saves the optimised graph with its prepacked weights (written atomically), for a fast

@@ -12,6 +12,7 @@
 #include "cpu/conv.h"
 #include "cpu/gemm.h"
 #include "cpu/peak.h"
+#include "cpu/winograd.h"
 #include "runtime/executor.h"
 #include "runtime/thread_pool.h"
 // ---- hamming index includes (owned by the Hamming index work) ----
@@ -175,6 +176,20 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       py::arg("weight"), py::arg("groups") = 1, "packs conv weights for the GEMM path");
+
+  m.def(
+      "pack_winograd_weight",
+      [](const py::object& w_obj) {
+        check_float32(w_obj, "weight");
+        auto w = FloatArray::ensure(w_obj);
+        if (w.ndim() != 4 || w.shape(2) != 3 || w.shape(3) != 3)
+          throw py::value_error("Winograd weights must be [K, C, 3, 3]");
+        const int K = int(w.shape(0)), C = int(w.shape(1));
+        FloatArray out(py::ssize_t(cbir::cpu::winograd_packed_weight_floats(K, C)));
+        cbir::cpu::pack_winograd_weight(w.data(), K, C, out.mutable_data());
+        return out;
+      },
+      py::arg("weight"), "transforms and packs 3x3 conv weights for the Winograd F(4x4,3x3) path");
 
   m.def(
       "pack_gemm_a",

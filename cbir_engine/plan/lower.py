@@ -38,6 +38,13 @@ REDUCE = {
     "ReduceL1": 5, "ReduceSumSquare": 6, "ReduceProd": 7,
 }
 PAD_MODE = {"constant": 0, "reflect": 1, "edge": 2, "wrap": 3}
+CONV_METHOD = {"gemm": 0, "depthwise": 1, "winograd": 2}
+
+
+def winograd_pays(c: int, k: int, oh: int, ow: int) -> bool:
+    """Whether F(4x4,3x3) beats the GEMM path: enough channels to amortise the transforms and
+    enough 4x4 tiles per image to fill the GEMMs."""
+    return c >= 16 and k >= 16 and oh >= 12 and ow >= 12
 ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 MAX_RANK = 8
 
@@ -117,8 +124,10 @@ Packer = Callable[[str, str, Callable[[], np.ndarray]], np.ndarray]
 class Lowering:
     """Turns the nodes of a specialised graph into PlanSteps."""
 
-    def __init__(self, g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset()):
+    def __init__(self, g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset(),
+                 winograd: bool = True):
         self.g = g
+        self.winograd = winograd
         self.packer = packer
         self.packed_only = packed_only  # constants present only in packed form (loaded plans)
         self.raw_constants: set[str] = set()  # constants kernels read as they are
@@ -222,27 +231,36 @@ class Lowering:
             kh, kw = w_shape[2], w_shape[3]
             sh, sw, dh, dw, pt, pl = strides[0], strides[1], dil[0], dil[1], pb[0], pb[1]
         C, K = x4[1], y4[1]
-        depthwise = group > 1 and group == C and K % C == 0
         w_name = node.inputs[1]
         w_const = self.g.const(w_name)
         w_raw_shape = (K, C // group, kh, kw)
-        if depthwise or w_const is None:
+        method = "gemm"
+        if group > 1 and group == C and K % C == 0:
+            method = "depthwise"
+        elif (self.winograd and w_const is not None and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)
+              and winograd_pays(C, K, y4[2], y4[3])):
+            method = "winograd"
+        from cbir_engine import _C
+
+        if method == "winograd":
+            w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
+            w_op = self.packed(w_name, "winograd_f4x3", lambda: _C.pack_winograd_weight(w4))
+            prepacked = 1
+        elif method == "depthwise" or w_const is None:
             w_op = self.operand(w_name, w_raw_shape)
             prepacked = 0
         else:
-            from cbir_engine import _C
-
             w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")
             w_op = self.packed(w_name, f"conv_g{group}", lambda: _C.pack_conv2d_weight(w4, group))
             prepacked = 1
         act, act_a, act_b = _act(node)
         self.emit(
             node, "conv2d",
-            [kh, kw, sh, sw, pt, pl, dh, dw, group, act, int(depthwise), prepacked], [act_a, act_b],
+            [kh, kw, sh, sw, pt, pl, dh, dw, group, act, CONV_METHOD[method], prepacked], [act_a, act_b],
             [self.operand(node.inputs[0], x4), w_op, self.operand(node.input(2)),
              self.operand(node.input(3), y4), self.operand(node.outputs[0], y4)],
-            label=f"conv2d/{'depthwise' if depthwise else 'gemm'} {kh}x{kw}/s{sh}"
-                  + (f" g{group}" if group > 1 and not depthwise else "")
+            label=f"conv2d/{method} {kh}x{kw}/s{sh}"
+                  + (f" g{group}" if group > 1 and method != "depthwise" else "")
                   + (" +residual" if node.input(3) else "")
                   + _act_label(node),
             flops=2 * math.prod(y4) * (C // group) * kh * kw,

@@ -41,9 +41,10 @@ class Plan:
         return self.arena_bytes, list(self.constants), steps, inputs, outputs
 
 
-def build_plan(g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset()) -> Plan:
+def build_plan(g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset(),
+               winograd: bool = True) -> Plan:
     """Lowers a specialised graph (every shape known) and plans its memory."""
-    low = Lowering(g, packer, packed_only)
+    low = Lowering(g, packer, packed_only, winograd)
     low.run()
     n_steps = len(low.steps)
     first: dict[str, int] = {}

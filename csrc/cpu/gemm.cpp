@@ -237,7 +237,7 @@ void run_gemm(const GemmParams& p, Parallel& par) {
       const float* ablk;
       int64_t astride;
       if (p.a_packed) {
-        ablk = p.a_packed + int64_t(m0 / MR) * p.K * MR + int64_t(k0) * MR;
+        ablk = p.a_packed + bt * p.a_packed_bs + int64_t(m0 / MR) * p.K * MR + int64_t(k0) * MR;
         astride = int64_t(p.K) * MR;
       } else {
         pack_a_block(p.a + bt * p.a_bs, p.a_rs, p.a_cs, m0, mc, k0, kc, abuf);

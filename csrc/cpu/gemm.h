@@ -56,8 +56,9 @@ using PackBFn = void (*)(const void* ctx, int64_t batch, int k0, int kc, int n0,
 struct GemmParams {
   int M = 0, N = 0, K = 0;
   int64_t batch = 1;
-  // A: prepacked (a_packed, same for every batch entry) or strided (a, a_rs, a_cs, a_bs).
+  // A: prepacked (a_packed, a_packed_bs floats apart per batch entry; 0: shared) or strided.
   const float* a_packed = nullptr;
+  int64_t a_packed_bs = 0;
   const float* a = nullptr;
   int64_t a_rs = 0, a_cs = 0, a_bs = 0;
   // B: prepacked (b_packed), strided (b, b_rs, b_cs, b_bs) or a custom packer.

@@ -11,6 +11,7 @@
 #include "cpu/conv.h"
 #include "cpu/gemm.h"
 #include "cpu/ops.h"
+#include "cpu/winograd.h"
 
 namespace cbir::runtime {
 
@@ -78,11 +79,13 @@ std::unique_ptr<Step> simple(const P& p) {
   return std::make_unique<SimpleStep<P, Fn>>(p);
 }
 
+enum class ConvMethod : int { Gemm = 0, Depthwise = 1, Winograd = 2 };
+
 class ConvStep final : public Step {
  public:
   // `raw_weight` set: the weight is computed at run time and packed on every run into `packed_`.
-  ConvStep(const cpu::Conv2dParams& p, bool depthwise, const float* raw_weight)
-      : p_(p), depthwise_(depthwise), raw_(raw_weight) {
+  ConvStep(const cpu::Conv2dParams& p, ConvMethod method, const float* raw_weight)
+      : p_(p), method_(method), raw_(raw_weight) {
     if (raw_) {
       packed_.resize(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
       p_.w = packed_.data();
@@ -90,18 +93,30 @@ class ConvStep final : public Step {
   }
   void run(cpu::Parallel& par) override {
     if (raw_) cpu::pack_conv2d_weight(raw_, p_.K, p_.C / p_.groups, p_.KH, p_.KW, p_.groups, packed_.data());
-    if (depthwise_) cpu::run_depthwise_conv2d(p_, par);
-    else cpu::run_conv2d(p_, par);
+    switch (method_) {
+      case ConvMethod::Gemm: cpu::run_conv2d(p_, par); break;
+      case ConvMethod::Depthwise: cpu::run_depthwise_conv2d(p_, par); break;
+      case ConvMethod::Winograd: cpu::run_winograd_conv3x3(p_, workspace_, par); break;
+    }
   }
   size_t scratch_floats(int threads) const override {
-    return depthwise_ ? 0 : cpu::conv2d_scratch_floats(p_, threads);
+    switch (method_) {
+      case ConvMethod::Gemm: return cpu::conv2d_scratch_floats(p_, threads);
+      case ConvMethod::Winograd: return cpu::winograd_scratch_floats(p_, threads);
+      default: return 0;
+    }
   }
+  size_t workspace_floats() const override {
+    return method_ == ConvMethod::Winograd ? cpu::winograd_workspace_floats(p_) : 0;
+  }
+  void bind_workspace(float* ws) override { workspace_ = ws; }
 
  private:
   cpu::Conv2dParams p_;
-  bool depthwise_;
+  ConvMethod method_;
   const float* raw_;
   std::vector<float> packed_;
+  float* workspace_ = nullptr;
 };
 
 std::unique_ptr<Step> make_conv2d(Args& a) {
@@ -115,18 +130,26 @@ std::unique_ptr<Step> make_conv2d(Args& a) {
   p.PT = a.i32(), p.PL = a.i32(), p.DH = a.i32(), p.DW = a.i32();
   p.groups = a.i32();
   p.act = Act(a.i32());
-  const bool depthwise = a.i() != 0;
+  const int method_id = a.i32();
   const bool prepacked = a.i() != 0;
   p.act_a = a.f(), p.act_b = a.f();
   if (p.groups <= 0 || p.C % p.groups || p.K % p.groups) a.fail("bad groups");
+  if (method_id < 0 || method_id > 2) a.fail("unknown conv method");
+  const auto method = ConvMethod(method_id);
   p.x = a.need(0), p.w = a.need(1), p.bias = a.p(2), p.residual = a.p(3), p.y = a.need(4);
   const int64_t wn = a.t(1).numel();
   const int64_t raw = int64_t(p.K) * (p.C / p.groups) * p.KH * p.KW;
-  const int64_t want = (depthwise || !prepacked)
-                           ? raw
-                           : int64_t(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
+  int64_t want = raw;
+  if (method == ConvMethod::Winograd) {
+    if (p.KH != 3 || p.KW != 3 || p.SH != 1 || p.SW != 1 || p.DH != 1 || p.DW != 1 || p.groups != 1 || !prepacked)
+      a.fail("Winograd needs a prepacked 3x3 stride-1 undilated ungrouped conv");
+    want = int64_t(cpu::winograd_packed_weight_floats(p.K, p.C));
+  } else if (method == ConvMethod::Gemm && prepacked) {
+    want = int64_t(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
+  }
   if (wn != want) a.fail("weight has " + std::to_string(wn) + " floats, expected " + std::to_string(want));
-  return std::make_unique<ConvStep>(p, depthwise, (depthwise || prepacked) ? nullptr : p.w);
+  const bool pack_at_run = method == ConvMethod::Gemm && !prepacked;
+  return std::make_unique<ConvStep>(p, method, pack_at_run ? p.w : nullptr);
 }
 
 // General (batched, broadcast) GEMM; one run_gemm per batch index when the batch dims do not
@@ -427,15 +450,22 @@ Executor::Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::v
   for (const auto& t : inputs_)
     if (t.is_const) throw std::invalid_argument("an input cannot be a constant");
   for (const auto& t : outputs_) tensor_ptr(t);  // validates the reference
-  size_t scratch = 0;
+  size_t scratch = 0, workspace = 0;
   for (const auto& spec : steps) {
     auto it = builders().find(spec.kernel);
     if (it == builders().end()) throw std::invalid_argument("unknown kernel '" + spec.kernel + "'");
     Args args(spec, *this);
     steps_.push_back(it->second(args));
     scratch = std::max(scratch, steps_.back()->scratch_floats(pool_->threads()));
+    workspace = std::max(workspace, steps_.back()->workspace_floats());
   }
   pool_->reserve_scratch(scratch);
+  if (workspace) {
+    void* ws = std::aligned_alloc(64, (workspace * sizeof(float) + 63) / 64 * 64);
+    if (!ws) throw std::bad_alloc();
+    workspace_.reset(static_cast<char*>(ws));
+    for (auto& s : steps_) s->bind_workspace(reinterpret_cast<float*>(workspace_.get()));
+  }
 }
 
 float* Executor::tensor_ptr(const TensorRef& t) {

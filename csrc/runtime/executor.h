@@ -39,6 +39,10 @@ class Step {
   virtual ~Step() = default;
   virtual void run(cpu::Parallel& par) = 0;
   virtual size_t scratch_floats(int /*threads*/) const { return 0; }
+  // A buffer shared by all threads for the duration of the step (steps run one at a time, so
+  // they all share one allocation of the largest size asked for).
+  virtual size_t workspace_floats() const { return 0; }
+  virtual void bind_workspace(float* /*ws*/) {}
 };
 
 class Executor {
@@ -68,6 +72,7 @@ class Executor {
   std::shared_ptr<ThreadPool> pool_;
   int64_t arena_bytes_;
   std::unique_ptr<char, AlignedFree> arena_;
+  std::unique_ptr<char, AlignedFree> workspace_;
   std::vector<ConstantData> constants_;
   std::vector<std::unique_ptr<Step>> steps_;
   std::vector<TensorRef> inputs_, outputs_;

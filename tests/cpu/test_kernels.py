@@ -285,3 +285,48 @@ def test_batchnorm_runtime_statistics() -> None:
 def test_thread_counts_agree(threads: int) -> None:
     check("Conv", {"x": rand(2, 16, 19, 19)}, {"pads": [1, 1, 1, 1]}, {"w": rand(32, 16, 3, 3)},
           threads=threads)
+
+
+WINOGRAD_CASES = [
+    # (N, C, H, W, K, pads): partial 4x4 tiles, no padding, several chunks of tiles
+    (1, 16, 13, 13, 16, [1, 1, 1, 1]),
+    (2, 17, 19, 14, 23, [0, 0, 0, 0]),
+    (1, 64, 56, 56, 64, [1, 1, 1, 1]),
+    (4, 16, 130, 130, 16, [1, 1, 1, 1]),
+    (1, 128, 14, 14, 59, [1, 1, 1, 1]),
+    (3, 32, 15, 17, 32, [2, 0, 1, 1]),
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: f"{c}")
+@pytest.mark.parametrize("fused", [False, True])
+def test_winograd_conv3x3(case, fused: bool) -> None:
+    """F(4x4,3x3) against the reference and against the GEMM path, epilogue included."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, c, h, w, k, pads = case
+    x, r = rand(n, c, h, w), None
+    weight, bias = rand(k, c, 3, 3) / np.sqrt(9 * c), rand(k)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=pads)]
+    out = "c"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))]
+    feeds = {"x": x}
+    if fused:
+        oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
+        r = rand(n, k, oh, ow)
+        nodes += [helper.make_node("Add", ["c", "r"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(r.shape)))
+        feeds["r"] = r
+        out = "y"
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    wino = cbir_engine.load(model.SerializeToString())
+    gemm = cbir_engine.load(model.SerializeToString(), winograd=False)
+    plan = wino.plan_for({k_: v.shape for k_, v in feeds.items()})
+    assert plan.steps[0].label.startswith("conv2d/winograd")
+    assert ("+residual +relu" in plan.steps[0].label) == fused
+    got, base = wino.run(feeds)[out], gemm.run(feeds)[out]
+    ref = reference(model, feeds)[0]
+    assert rel_err(base, ref) <= 1e-5
+    assert rel_err(got, ref) <= 5e-5

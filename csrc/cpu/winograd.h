@@ -1,0 +1,27 @@
+// Winograd F(4x4, 3x3) convolution for 3x3, stride-1, undilated, ungrouped convs: each 6x6 input
+// tile and each 3x3 filter are transformed so the convolution becomes 36 independent GEMMs
+// (K x C by C x tiles) with 4x fewer multiplies than direct convolution, then 4x4 output tiles
+// are transformed back with the fused epilogue (bias, residual, activation).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/conv.h"
+#include "cpu/parallel.h"
+
+namespace cbir::cpu {
+
+constexpr int kWinogradAlpha = 6;  // tile size in the transformed domain (4 + 3 - 1)
+
+size_t winograd_packed_weight_floats(int K, int C);
+// w: [K, C, 3, 3] -> 36 packed GEMM A operands (K x C each), transformed as G w G^T.
+void pack_winograd_weight(const float* w, int K, int C, float* out);
+
+// Workspace (floats, shared by all threads) and per-thread scratch one run needs.
+size_t winograd_workspace_floats(const Conv2dParams& p);
+size_t winograd_scratch_floats(const Conv2dParams& p, int threads);
+// p.w is the pack_winograd_weight output; `workspace` has winograd_workspace_floats floats.
+void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par);
+
+}  // namespace cbir::cpu
