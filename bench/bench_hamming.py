@@ -33,7 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# numpy's OpenBLAS threads spin after any BLAS call (the lsh-clustered codes use one) and would
+# take cores from the searches timed here; none of the timed code uses BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

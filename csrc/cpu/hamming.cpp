@@ -188,6 +188,20 @@ void sort_by_distance_then_label(uint64_t* keys, int64_t m, const Labels& labels
   });
 }
 
+// Hamming distance between two codes, plain popcounts (for short runs outside the SIMD scan).
+inline int32_t code_distance(const uint8_t* a, const uint8_t* b, int code_bytes) {
+  int32_t d = 0;
+  int j = 0;
+  for (; j + 8 <= code_bytes; j += 8) {
+    uint64_t x, y;
+    std::memcpy(&x, a + j, 8);
+    std::memcpy(&y, b + j, 8);
+    d += __builtin_popcountll(x ^ y);
+  }
+  for (; j < code_bytes; ++j) d += __builtin_popcount(unsigned(a[j] ^ b[j]));
+  return d;
+}
+
 // ---- work split ----
 struct Split {
   int64_t group_size = 1;
@@ -236,7 +250,7 @@ void run_tasks(Parallel& par, int64_t tasks, F&& fn) {
 // feeding `sink` (which numbers queries from the register block it is given via set_base).
 template <typename Sink>
 void scan_range(const Shape& s, const uint8_t* db, int64_t n, int64_t begin, int64_t end, const uint64_t* qwords,
-                int64_t queries, int32_t* accept_max, Sink& sink, uint8_t* tile_buffer) {
+                int64_t queries, int32_t* accept_max, Sink& sink, uint8_t* tile_buffer, uint64_t* candidates) {
   const bool avx512 = use_avx512();
   const int lane_bits = s.lane_bytes * 8;
   const int best_r = avx512 ? hamming_detail::register_queries_avx512(lane_bits, s.words)
@@ -255,6 +269,7 @@ void scan_range(const Shape& s, const uint8_t* db, int64_t n, int64_t begin, int
     args.end_pos = t0 + count;
     args.words = s.words;
     args.sink = &sink;
+    args.candidates = candidates;
     for (int64_t r0 = 0; r0 < queries;) {
       const int64_t left = queries - r0;
       int r = best_r;
@@ -286,14 +301,32 @@ class KnnCollector final : public CandidateSink {
   }
   void set_base(int base) { base_ = base; }
 
-  void take(int r, int64_t pos, int32_t d) override {
-    const int64_t q = base_ + r;
-    if (d > accept_max_[q]) return;  // the threshold may have dropped since the scan flagged it
-    // Labels out of position order: a code tying the k-th distance enters only with a smaller label.
-    if (!labels_.ascending && d == accept_max_[q] && labels_(pos) > tie_label_max_[q]) return;
-    uint64_t* keys = keys_ + q * cap_;
-    keys[sizes_[q]++] = pack_key(d, pos);
-    if (sizes_[q] == cap_) shrink(q);
+  void take(const uint64_t* candidates, int64_t count) override {
+    for (int64_t i = 0; i < count; ++i) {
+      const uint64_t c = candidates[i];
+      const int64_t q = base_ + hamming_detail::candidate_query(c);
+      const int32_t d = hamming_detail::candidate_distance(c);
+      const int64_t pos = hamming_detail::candidate_pos(c);
+      if (d > accept_max_[q]) continue;  // the limit may have dropped since the scan passed it
+      // Labels out of position order: a code tying the k-th distance enters only with a smaller
+      // label.
+      if (!labels_.ascending && d == accept_max_[q] && labels_(pos) > tie_label_max_[q]) continue;
+      uint64_t* keys = keys_ + q * cap_;
+      keys[sizes_[q]++] = pack_key(d, pos);
+      if (sizes_[q] == cap_) shrink(q);
+    }
+  }
+
+  // Fills query q's empty buffer with the k best of positions [first, last) (more than k of
+  // them), found by counting in `scratch` (room for last - first keys), and sets its limit.
+  void seed(int64_t q, const uint8_t* query, const uint8_t* db, int64_t first, int64_t last, int code_bytes,
+            uint64_t* scratch) {
+    for (int64_t pos = first; pos < last; ++pos)
+      scratch[pos - first] = pack_key(code_distance(query, db + pos * code_bytes, code_bytes), pos);
+    const Cut cut = cut_to_k(scratch, last - first, k_, max_distance_, hist_, ties_, labels_);
+    std::copy(scratch, scratch + k_, keys_ + q * cap_);
+    sizes_[q] = k_;
+    limit_after(q, cut);
   }
 
   // Cuts query q's candidates to at most k and sorts them by (distance, label).
@@ -309,6 +342,9 @@ class KnnCollector final : public CandidateSink {
   void shrink(int64_t q) {
     const Cut cut = cut_to_k(keys_ + q * cap_, sizes_[q], k_, max_distance_, hist_, ties_, labels_);
     sizes_[q] = k_;
+    limit_after(q, cut);
+  }
+  void limit_after(int64_t q, const Cut& cut) {
     // With labels in position order a later code must be strictly closer to enter.
     accept_max_[q] = labels_.ascending ? cut.kth - 1 : cut.kth;
     tie_label_max_[q] = cut.kth_label_max;
@@ -328,7 +364,7 @@ class KnnCollector final : public CandidateSink {
 
 // Everything one thread needs for a group of queries, allocated before the parallel run.
 struct KnnScratch {
-  std::vector<uint64_t> keys, ties, qwords;
+  std::vector<uint64_t> keys, ties, qwords, seed, candidates;
   std::vector<int64_t> sizes, tie_label_max, hist;
   std::vector<int32_t> accept_max;
   std::vector<uint8_t> tile;
@@ -358,18 +394,23 @@ bool hamming_set_isa(const char* name) {
 void run_hamming_knn(const HammingKnnParams& p, Parallel& par) {
   if (p.k < 1 || p.k > p.n) throw std::invalid_argument("hamming knn: k must be in [1, n]");
   if (p.n >= (int64_t(1) << kPosBits)) throw std::invalid_argument("hamming knn: too many codes");
+  if (p.code_bytes * 8 > hamming_detail::kMaxCodeBits) throw std::invalid_argument("hamming knn: codes too long");
   if (p.nq == 0) return;
   const Shape s = make_shape(p.code_bytes);
   const Labels labels{p.ids, p.ids == nullptr || p.ids_ascending};
   const int threads = std::max(1, par.threads());
-  // A buffer of 2k + 64 means a cut (linear in the buffer) at most every k + 64 new candidates.
+  // A buffer of 2k + 64 means a cut (linear in the buffer) at most every k + 64 new candidates;
+  // it also holds the first tile's codes when they seed the limits (below).
+  const int64_t seed_codes = p.k < s.tile_codes / 2 ? s.tile_codes : 0;
   const int64_t cap = 2 * p.k + 64;
   const Split sp = plan_split(s, p.n, p.nq, threads, cap * 8, p.nq * p.k * 8);
 
   std::vector<KnnScratch> scratch(static_cast<size_t>(threads));
   for (auto& sc : scratch) {
     sc.keys.resize(size_t(sp.group_size * cap));
-    sc.ties.resize(size_t(std::max(cap, sp.splits * p.k)));
+    sc.ties.resize(size_t(std::max({cap, sp.splits * p.k, seed_codes})));
+    sc.seed.resize(size_t(seed_codes));
+    sc.candidates.resize(size_t(hamming_detail::kCandidateBuffer));
     sc.qwords.resize(size_t(sp.group_size * s.words));
     sc.sizes.resize(size_t(sp.group_size));
     sc.tie_label_max.resize(size_t(sp.group_size));
@@ -397,8 +438,18 @@ void run_hamming_knn(const HammingKnnParams& p, Parallel& par) {
     KnnCollector collector(p.k, cap, s.max_distance, labels, sc.keys.data(), sc.sizes.data(),
                            sc.accept_max.data(), sc.tie_label_max.data(), sc.hist.data(), sc.ties.data());
     collector.reset(queries);
-    scan_range(s, p.db, p.n, begin, end, sc.qwords.data(), queries, sc.accept_max.data(), collector,
-               sc.tile.data());
+    // Seed: every code of the first tile goes in, then one cut gives each query the k-th
+    // distance of a whole tile as its limit. Starting from "anything passes" instead, the limit
+    // would tighten one candidate at a time, each through the scan's slow path.
+    int64_t scan_begin = begin;
+    if (seed_codes > 0 && end - begin > seed_codes) {
+      scan_begin = begin + seed_codes;
+      for (int64_t q = 0; q < queries; ++q)
+        collector.seed(q, p.queries + (q0 + q) * p.code_bytes, p.db, begin, scan_begin, p.code_bytes,
+                       sc.seed.data());
+    }
+    scan_range(s, p.db, p.n, scan_begin, end, sc.qwords.data(), queries, sc.accept_max.data(), collector,
+               sc.tile.data(), sc.candidates.data());
     for (int64_t q = 0; q < queries; ++q) {
       const int64_t count = collector.finish(q);
       if (sp.splits == 1) {
@@ -441,7 +492,13 @@ class RangeCollector final : public CandidateSink {
  public:
   explicit RangeCollector(std::vector<uint64_t>* lists) : lists_(lists) {}
   void set_base(int base) { base_ = base; }
-  void take(int r, int64_t pos, int32_t d) override { lists_[base_ + r].push_back(pack_key(d, pos)); }
+  void take(const uint64_t* candidates, int64_t count) override {
+    for (int64_t i = 0; i < count; ++i) {
+      const uint64_t c = candidates[i];
+      lists_[base_ + hamming_detail::candidate_query(c)].push_back(
+          pack_key(hamming_detail::candidate_distance(c), hamming_detail::candidate_pos(c)));
+    }
+  }
 
  private:
   std::vector<uint64_t>* lists_;
@@ -452,6 +509,7 @@ class RangeCollector final : public CandidateSink {
 
 void run_hamming_range(const HammingRangeParams& p, Parallel& par, HammingRangeResult* out) {
   if (p.n >= (int64_t(1) << kPosBits)) throw std::invalid_argument("hamming range: too many codes");
+  if (p.code_bytes * 8 > hamming_detail::kMaxCodeBits) throw std::invalid_argument("hamming range: codes too long");
   out->lims.assign(size_t(p.nq + 1), 0);
   out->distances.clear();
   out->ids.clear();
@@ -463,7 +521,7 @@ void run_hamming_range(const HammingRangeParams& p, Parallel& par, HammingRangeR
   // lists[split * nq + q]: query q's codes in that split, in position order.
   std::vector<std::vector<uint64_t>> lists(size_t(sp.splits * p.nq));
   struct Scratch {
-    std::vector<uint64_t> qwords;
+    std::vector<uint64_t> qwords, candidates;
     std::vector<int32_t> accept_max;
     std::vector<uint8_t> tile;
   };
@@ -471,6 +529,7 @@ void run_hamming_range(const HammingRangeParams& p, Parallel& par, HammingRangeR
   for (auto& sc : scratch) {
     sc.qwords.resize(size_t(sp.group_size * s.words));
     sc.accept_max.assign(size_t(sp.group_size), std::min(p.radius, s.max_distance));
+    sc.candidates.resize(size_t(hamming_detail::kCandidateBuffer));
     sc.tile.resize(size_t(s.tile_codes * s.words * s.lane_bytes + kVectorBytes));
   }
   run_tasks(par, sp.groups * sp.splits, [&](int64_t task, int thread) {
@@ -484,7 +543,7 @@ void run_hamming_range(const HammingRangeParams& p, Parallel& par, HammingRangeR
       code_to_words(s, p.queries + (q0 + q) * p.code_bytes, sc.qwords.data() + q * s.words);
     RangeCollector collector(lists.data() + split * p.nq + q0);
     scan_range(s, p.db, p.n, begin, end, sc.qwords.data(), queries, sc.accept_max.data(), collector,
-               sc.tile.data());
+               sc.tile.data(), sc.candidates.data());
   });
   for (int64_t q = 0; q < p.nq; ++q) {
     int64_t count = 0;
@@ -515,19 +574,7 @@ void run_hamming_distances(const uint8_t* db, int64_t n, const uint8_t* queries,
                            int code_bytes, int32_t* out, Parallel& par) {
   run_tasks(par, nq, [&](int64_t q, int) {
     const uint8_t* qc = queries + q * code_bytes;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint8_t* c = db + i * code_bytes;
-      int32_t d = 0;
-      int j = 0;
-      for (; j + 8 <= code_bytes; j += 8) {
-        uint64_t a, b;
-        std::memcpy(&a, qc + j, 8);
-        std::memcpy(&b, c + j, 8);
-        d += __builtin_popcountll(a ^ b);
-      }
-      for (; j < code_bytes; ++j) d += __builtin_popcount(unsigned(qc[j] ^ c[j]));
-      out[q * n + i] = d;
-    }
+    for (int64_t i = 0; i < n; ++i) out[q * n + i] = code_distance(qc, db + i * code_bytes, code_bytes);
   });
 }
 

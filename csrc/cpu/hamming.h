@@ -64,13 +64,29 @@ namespace hamming_detail {
 // Block b, word w, lane l sits at element (b * words + w) * lanes + l.
 constexpr int kVectorBytes = 64;
 
-// Receives the codes a scan lets through its filter (rare once a query's k-th distance is known).
+// A code a scan lets through its filter, packed: query r (within the register block) in bits
+// 56..63, distance in bits 40..55, database position in bits 0..39.
+constexpr int kCandidatePosBits = 40;
+constexpr int kMaxCodeBits = 65535;  // distances must fit the 16 bits of a candidate
+inline uint64_t pack_candidate(int r, int32_t distance, int64_t pos) {
+  return (uint64_t(r) << 56) | (uint64_t(uint32_t(distance)) << kCandidatePosBits) | uint64_t(pos);
+}
+inline int candidate_query(uint64_t c) { return int(c >> 56); }
+inline int32_t candidate_distance(uint64_t c) { return int32_t((c >> kCandidatePosBits) & 0xffff); }
+inline int64_t candidate_pos(uint64_t c) { return int64_t(c & ((uint64_t(1) << kCandidatePosBits) - 1)); }
+
+// Receives the codes a scan lets through its filter, in batches and in position order per
+// query (rare once a query's k-th distance is known; batching keeps the scan loop free of calls).
 class CandidateSink {
  public:
   virtual ~CandidateSink() = default;
-  // `r` is the query within the scanned register block, `pos` the code's database position.
-  virtual void take(int r, int64_t pos, int32_t distance) = 0;
+  // May lower accept_max for the queries it was given; the scan rereads the limits afterwards.
+  virtual void take(const uint64_t* candidates, int64_t count) = 0;
 };
+
+// Room a scan needs in its candidate buffer: it flushes when fewer than one block's worth of
+// candidates for every query fit.
+constexpr int64_t kCandidateBuffer = 4096;
 
 struct ScanArgs {
   const void* tile = nullptr;  // scan layout, `blocks` blocks
@@ -82,6 +98,7 @@ struct ScanArgs {
   // Per query: a code passes when distance <= accept_max[r]; the sink may lower it as it goes.
   const int32_t* accept_max = nullptr;
   CandidateSink* sink = nullptr;
+  uint64_t* candidates = nullptr;  // kCandidateBuffer entries of scratch
 };
 
 // Scans one tile for R queries held in registers, R in {1, 2, 4, 8}; lane_bits is 32 or 64.

@@ -19,14 +19,20 @@ inline __m256i popcount_bytes(__m256i v) {
   return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
 }
 
+// Candidates collect in the caller's buffer and go to the sink when this many have gathered
+// (and at the end of the tile).
+constexpr int64_t kFlushAt = 256;
+static_assert(kFlushAt + 16 * kMaxRegisterQueries <= kCandidateBuffer, "candidate buffer too small");
+
+// Slow path, out of line so the scan loop stays small: appends query r's passing lanes of a block.
 template <typename Lane>
-__attribute__((noinline)) void report(const ScanArgs& a, int r, int64_t pos0, uint32_t mask,
-                                      const Lane* distances) {
+__attribute__((noinline)) void collect(const ScanArgs& a, int r, int64_t pos0, uint32_t mask, const Lane* distances,
+                                       int64_t* count) {
   while (mask) {
     const int lane = __builtin_ctz(mask);
     mask &= mask - 1;
     const int64_t pos = pos0 + lane;
-    if (pos < a.end_pos) a.sink->take(r, pos, int32_t(distances[lane]));
+    if (pos < a.end_pos) a.candidates[(*count)++] = pack_candidate(r, int32_t(distances[lane]), pos);
   }
 }
 
@@ -39,6 +45,7 @@ void scan64(const ScanArgs& a) {
   const uint64_t* tile = static_cast<const uint64_t*>(a.tile);
   const uint64_t* q = a.query_words;
   const __m256i zero = _mm256_setzero_si256();
+  int64_t count = 0;
   for (int64_t b = 0; b < a.blocks; ++b) {
     const uint64_t* block = tile + b * words * 8;
     __m256i dist[R][2];
@@ -79,10 +86,15 @@ void scan64(const ScanArgs& a) {
         alignas(32) uint64_t lanes[8];
         _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), dist[r][0]);
         _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 4), dist[r][1]);
-        report(a, r, a.first_pos + b * 8, pass[r], lanes);
+        collect(a, r, a.first_pos + b * 8, pass[r], lanes, &count);
+      }
+      if (count >= kFlushAt) {
+        a.sink->take(a.candidates, count);
+        count = 0;
       }
     }
   }
+  if (count) a.sink->take(a.candidates, count);
 }
 
 template <int R>
@@ -91,6 +103,7 @@ void scan32(const ScanArgs& a) {
   const uint64_t* q = a.query_words;
   const __m256i ones8 = _mm256_set1_epi8(1);
   const __m256i ones16 = _mm256_set1_epi16(1);
+  int64_t count = 0;
   for (int64_t b = 0; b < a.blocks; ++b) {
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + b * 16));
     const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + b * 16 + 8));
@@ -116,10 +129,15 @@ void scan32(const ScanArgs& a) {
         alignas(32) uint32_t lanes[16];
         _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), dist[r][0]);
         _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 8), dist[r][1]);
-        report(a, r, a.first_pos + b * 16, pass[r], lanes);
+        collect(a, r, a.first_pos + b * 16, pass[r], lanes, &count);
+      }
+      if (count >= kFlushAt) {
+        a.sink->take(a.candidates, count);
+        count = 0;
       }
     }
   }
+  if (count) a.sink->take(a.candidates, count);
 }
 
 template <int W>

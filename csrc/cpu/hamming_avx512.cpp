@@ -10,89 +10,137 @@
 
 #define CBIR_AVX512 __attribute__((target("avx512f,avx512vpopcntdq")))
 
+// GCC 12 flags the deliberately undefined pass-through operand inside _mm512_min_epi32 as
+// "maybe uninitialized" once inlined here; the intrinsic's result does not depend on it.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace cbir::cpu::hamming_detail {
 namespace {
 
-// Slow path, out of line so the scan loop stays small: hands each flagged lane to the sink.
-template <typename Lane>
-__attribute__((noinline)) void report(const ScanArgs& a, int r, int64_t pos0, uint32_t mask,
-                                      const Lane* distances) {
-  while (mask) {
-    const int lane = __builtin_ctz(mask);
-    mask &= mask - 1;
-    const int64_t pos = pos0 + lane;
-    if (pos < a.end_pos) a.sink->take(r, pos, int32_t(distances[lane]));
-  }
-}
+// Candidates collect in the caller's buffer and go to the sink when this many have gathered
+// (and at the end of the tile): the limits the scan filters with are at most that stale.
+constexpr int64_t kFlushAt = 256;
+static_assert(kFlushAt + 16 * kMaxRegisterQueries + 8 <= kCandidateBuffer, "candidate buffer too small");
 
 // 64-bit lanes, 8 codes per block. W > 0 fixes the words per code at compile time (unrolled);
-// W == 0 reads it from the arguments.
+// W == 0 reads it from the arguments. The query words (when they fit) live in registers, and so
+// does the loosest per-query limit: the loop only asks whether any lane is within it. When one
+// is, each query's passing lanes are packed as candidates without branches (compress in a
+// register, then a plain store: Zen 4 microcodes compress-to-memory).
 template <int W, int R>
 CBIR_AVX512 void scan64(const ScanArgs& a) {
   const int words = W > 0 ? W : a.words;
+  constexpr int kHeldWords = (W > 0 && W * R <= 16) ? W : 0;
   const uint64_t* tile = static_cast<const uint64_t*>(a.tile);
   const uint64_t* q = a.query_words;
+  __m512i held[kHeldWords > 0 ? R * kHeldWords : 1] = {};
+  if (kHeldWords > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R * kHeldWords; ++i) held[i] = _mm512_set1_epi64(int64_t(q[i]));
+  }
+  auto query_word = [&](int r, int w) CBIR_AVX512 {
+    return kHeldWords > 0 ? held[r * kHeldWords + w] : _mm512_set1_epi64(int64_t(q[r * words + w]));
+  };
+  auto loosest_limit = [&]() {
+    int32_t m = a.accept_max[0];
+    for (int r = 1; r < R; ++r) m = a.accept_max[r] > m ? a.accept_max[r] : m;
+    return m;
+  };
+  __m512i loosest = _mm512_set1_epi64(loosest_limit());
+  const __m512i lane_index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i end_pos = _mm512_set1_epi64(a.end_pos);
+  uint64_t* out = a.candidates;
+  int64_t count = 0;
   for (int64_t b = 0; b < a.blocks; ++b) {
     const uint64_t* block = tile + b * words * 8;
     __m512i dist[R];
     {
       const __m512i x = _mm512_loadu_si512(block);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        dist[r] = _mm512_popcnt_epi64(_mm512_xor_si512(x, _mm512_set1_epi64(int64_t(q[r * words]))));
+      for (int r = 0; r < R; ++r) dist[r] = _mm512_popcnt_epi64(_mm512_xor_si512(x, query_word(r, 0)));
     }
 #pragma GCC unroll 8
     for (int w = 1; w < words; ++w) {
       const __m512i x = _mm512_loadu_si512(block + w * 8);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
-        dist[r] = _mm512_add_epi64(
-            dist[r], _mm512_popcnt_epi64(_mm512_xor_si512(x, _mm512_set1_epi64(int64_t(q[r * words + w])))));
+        dist[r] = _mm512_add_epi64(dist[r], _mm512_popcnt_epi64(_mm512_xor_si512(x, query_word(r, w))));
     }
-    __mmask8 pass[R];
-    __mmask8 any = 0;
+    // Signed compares: a limit is -1 once nothing can enter any more.
+    __m512i closest = dist[0];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      // Signed compare: accept_max is -1 when nothing can enter any more.
-      pass[r] = _mm512_cmple_epi64_mask(dist[r], _mm512_set1_epi64(a.accept_max[r]));
-      any = __mmask8(any | pass[r]);
-    }
-    if (__builtin_expect(any != 0, 0)) {
+    for (int r = 1; r < R; ++r) closest = _mm512_min_epi64(closest, dist[r]);
+    if (__builtin_expect(_mm512_cmple_epi64_mask(closest, loosest) != 0, 0)) {
+      const __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(a.first_pos + b * 8), lane_index);
+      const __mmask8 inside = _mm512_cmplt_epi64_mask(pos, end_pos);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        if (!pass[r]) continue;
-        alignas(64) uint64_t lanes[8];
-        _mm512_store_si512(lanes, dist[r]);
-        report(a, r, a.first_pos + b * 8, pass[r], lanes);
+        const __mmask8 pass = _mm512_mask_cmple_epi64_mask(inside, dist[r], _mm512_set1_epi64(a.accept_max[r]));
+        const __m512i packed = _mm512_or_si512(
+            _mm512_or_si512(_mm512_slli_epi64(dist[r], kCandidatePosBits), pos),
+            _mm512_set1_epi64(int64_t(uint64_t(r) << 56)));
+        _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(pass, packed));
+        count += __builtin_popcount(pass);
+      }
+      if (count >= kFlushAt) {
+        a.sink->take(out, count);
+        count = 0;
+        loosest = _mm512_set1_epi64(loosest_limit());
       }
     }
   }
+  if (count) a.sink->take(out, count);
 }
 
-// 32-bit lanes (codes of at most 32 bits), 16 codes per block, one word per code.
+// 32-bit lanes (codes of at most 32 bits), 16 codes per block, one word per code. Candidates
+// are packed 8 lanes at a time (they need 64 bits each).
 template <int R>
 CBIR_AVX512 void scan32(const ScanArgs& a) {
   const uint32_t* tile = static_cast<const uint32_t*>(a.tile);
-  const uint64_t* q = a.query_words;
+  __m512i qv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) qv[r] = _mm512_set1_epi32(int32_t(uint32_t(a.query_words[r])));
+  auto loosest_limit = [&]() {
+    int32_t m = a.accept_max[0];
+    for (int r = 1; r < R; ++r) m = a.accept_max[r] > m ? a.accept_max[r] : m;
+    return m;
+  };
+  __m512i loosest = _mm512_set1_epi32(loosest_limit());
+  const __m512i lane_index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i end_pos = _mm512_set1_epi64(a.end_pos);
+  uint64_t* out = a.candidates;
+  int64_t count = 0;
   for (int64_t b = 0; b < a.blocks; ++b) {
     const __m512i x = _mm512_loadu_si512(tile + b * 16);
     __m512i dist[R];
-    __mmask16 pass[R];
-    __mmask16 any = 0;
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      dist[r] = _mm512_popcnt_epi32(_mm512_xor_si512(x, _mm512_set1_epi32(int32_t(uint32_t(q[r])))));
-      pass[r] = _mm512_cmple_epi32_mask(dist[r], _mm512_set1_epi32(a.accept_max[r]));
-      any = __mmask16(any | pass[r]);
-    }
-    if (__builtin_expect(any != 0, 0)) {
-      for (int r = 0; r < R; ++r) {
-        if (!pass[r]) continue;
-        alignas(64) uint32_t lanes[16];
-        _mm512_store_si512(lanes, dist[r]);
-        report(a, r, a.first_pos + b * 16, pass[r], lanes);
+    for (int r = 0; r < R; ++r) dist[r] = _mm512_popcnt_epi32(_mm512_xor_si512(x, qv[r]));
+    __m512i closest = dist[0];
+#pragma GCC unroll 8
+    for (int r = 1; r < R; ++r) closest = _mm512_min_epi32(closest, dist[r]);
+    if (__builtin_expect(_mm512_cmple_epi32_mask(closest, loosest) != 0, 0)) {
+      for (int half = 0; half < 2; ++half) {
+        const __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(a.first_pos + b * 16 + half * 8), lane_index);
+        const __mmask8 inside = _mm512_cmplt_epi64_mask(pos, end_pos);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512i d = _mm512_cvtepu32_epi64(half ? _mm512_extracti64x4_epi64(dist[r], 1)
+                                                       : _mm512_castsi512_si256(dist[r]));
+          const __mmask8 pass = _mm512_mask_cmple_epi64_mask(inside, d, _mm512_set1_epi64(a.accept_max[r]));
+          const __m512i packed = _mm512_or_si512(_mm512_or_si512(_mm512_slli_epi64(d, kCandidatePosBits), pos),
+                                                 _mm512_set1_epi64(int64_t(uint64_t(r) << 56)));
+          _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(pass, packed));
+          count += __builtin_popcount(pass);
+        }
+      }
+      if (count >= kFlushAt) {
+        a.sink->take(out, count);
+        count = 0;
+        loosest = _mm512_set1_epi32(loosest_limit());
       }
     }
   }
+  if (count) a.sink->take(out, count);
 }
 
 // `queries` is 1, 2, 4 or 8 (the caller splits a register block into these sizes).
