@@ -36,8 +36,15 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 
-def _register(name: str, infer: Callable, evaluate: Callable | None = None, **kw: Any) -> None:
-    OPS[name] = OpDef(infer, evaluate, **kw)
+def register_op(name: str, infer: Callable, evaluate: Callable | None = None, *,
+                fold_only: bool = False, alias: bool = False) -> None:
+    """Declares an IR operator (modules adding fused ops call this at import)."""
+    if name in OPS:
+        raise ValueError(f"IR op {name} is already registered")
+    OPS[name] = OpDef(infer, evaluate, fold_only=fold_only, alias=alias)
+
+
+_register = register_op
 
 
 def _shape(v: Value | None, node: Node, what: str = "input") -> Shape:

@@ -120,6 +120,19 @@ def _collapse(shape: list[int], *strides: list[int]) -> tuple[list[int], list[li
 
 Packer = Callable[[str, str, Callable[[], np.ndarray]], np.ndarray]
 
+# Lowerings that live outside this module (fused retrieval heads, ...): op -> fn(lowering, node).
+LOWERINGS: dict[str, Callable[[Lowering, Node], None]] = {}
+
+
+def register_lowering(op: str) -> Callable:
+    def deco(fn: Callable[[Lowering, Node], None]) -> Callable[[Lowering, Node], None]:
+        if op in LOWERINGS:
+            raise ValueError(f"a lowering for {op} is already registered")
+        LOWERINGS[op] = fn
+        return fn
+
+    return deco
+
 
 class Lowering:
     """Turns the nodes of a specialised graph into PlanSteps."""
@@ -198,6 +211,9 @@ class Lowering:
                     self.fail(node, f"{self.g.values[name].dtype} tensors (the engine computes in float32)")
             if node.op in ALIAS_OPS:
                 self.alias[node.outputs[0]] = node.inputs[0]
+                continue
+            if node.op in LOWERINGS:
+                LOWERINGS[node.op](self, node)
                 continue
             fn = getattr(self, f"lower_{node.op}", None)
             if fn is None:

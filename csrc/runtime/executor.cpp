@@ -1,4 +1,5 @@
 #include "runtime/executor.h"
+#include "runtime/step.h"
 
 #include <chrono>
 #include <cstdlib>
@@ -24,60 +25,6 @@ int64_t TensorRef::numel() const {
 namespace {
 
 using cpu::Act;
-
-// Reads a step's integer and float arguments in order, refusing to read past the end.
-class Args {
- public:
-  Args(const StepSpec& s, Executor& ex) : s_(s), ex_(ex) {}
-  int64_t i() {
-    if (ii_ >= s_.ints.size()) fail("too few integer arguments");
-    return s_.ints[ii_++];
-  }
-  int i32() { return int(i()); }
-  float f() {
-    if (fi_ >= s_.floats.size()) fail("too few float arguments");
-    return float(s_.floats[fi_++]);
-  }
-  const TensorRef& t(size_t k) const {
-    if (k >= s_.tensors.size()) fail("too few tensors");
-    return s_.tensors[k];
-  }
-  size_t tensors() const { return s_.tensors.size(); }
-  // Pointer of tensor k, or null when it is absent.
-  float* p(size_t k) { return t(k).present ? ex_.tensor_ptr(t(k)) : nullptr; }
-  float* need(size_t k) {
-    if (!t(k).present) fail("tensor " + std::to_string(k) + " missing");
-    return ex_.tensor_ptr(t(k));
-  }
-  const std::vector<int64_t>& shape(size_t k) const { return t(k).shape; }
-  [[noreturn]] void fail(const std::string& what) const {
-    throw std::invalid_argument("step '" + s_.kernel + "': " + what);
-  }
-
- private:
-  const StepSpec& s_;
-  Executor& ex_;
-  size_t ii_ = 0, fi_ = 0;
-};
-
-void read_dims(Args& a, int rank, int64_t* out) {
-  if (rank < 0 || rank > cpu::kMaxRank) a.fail("rank out of range");
-  for (int d = 0; d < rank; ++d) out[d] = a.i();
-}
-
-template <typename P, void (*Fn)(const P&, cpu::Parallel&)>
-class SimpleStep final : public Step {
- public:
-  explicit SimpleStep(const P& p) : p_(p) {}
-  void run(cpu::Parallel& par) override { Fn(p_, par); }
-
- private:
-  P p_;
-};
-template <typename P, void (*Fn)(const P&, cpu::Parallel&)>
-std::unique_ptr<Step> simple(const P& p) {
-  return std::make_unique<SimpleStep<P, Fn>>(p);
-}
 
 enum class ConvMethod : int { Gemm = 0, Depthwise = 1, Winograd = 2 };
 
@@ -293,10 +240,7 @@ class CopyStep final : public Step {
   int64_t n_;
 };
 
-using Builder = std::function<std::unique_ptr<Step>(Args&)>;
-
-const std::map<std::string, Builder>& builders() {
-  static const std::map<std::string, Builder> table = {
+const KernelRegistrar kRegistered[] = {
       {"conv2d", make_conv2d},
       {"gemm", make_gemm},
       {"maxpool2d", [](Args& a) { return simple<cpu::Pool2dParams, cpu::run_maxpool2d>(read_pool(a)); }},
@@ -421,17 +365,26 @@ const std::map<std::string, Builder>& builders() {
          if (a.t(0).numel() != a.t(1).numel()) a.fail("copy between tensors of different sizes");
          return std::make_unique<CopyStep>(a.need(0), a.need(1), a.t(0).numel());
        }},
-  };
-  return table;
-}
+};
 
 }  // namespace
+
+std::map<std::string, Builder>& kernel_registry() {
+  static std::map<std::string, Builder> registry;
+  return registry;
+}
+
+KernelRegistrar::KernelRegistrar(const char* name, Builder builder) {
+  auto& reg = kernel_registry();
+  if (!reg.emplace(name, std::move(builder)).second)
+    throw std::logic_error(std::string("kernel '") + name + "' registered twice");
+}
 
 void Executor::AlignedFree::operator()(char* p) const { std::free(p); }
 
 std::vector<std::string> kernel_names() {
   std::vector<std::string> out;
-  for (const auto& kv : builders()) out.push_back(kv.first);
+  for (const auto& kv : kernel_registry()) out.push_back(kv.first);
   return out;
 }
 
@@ -452,8 +405,8 @@ Executor::Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::v
   for (const auto& t : outputs_) tensor_ptr(t);  // validates the reference
   size_t scratch = 0, workspace = 0;
   for (const auto& spec : steps) {
-    auto it = builders().find(spec.kernel);
-    if (it == builders().end()) throw std::invalid_argument("unknown kernel '" + spec.kernel + "'");
+    auto it = kernel_registry().find(spec.kernel);
+    if (it == kernel_registry().end()) throw std::invalid_argument("unknown kernel '" + spec.kernel + "'");
     Args args(spec, *this);
     steps_.push_back(it->second(args));
     scratch = std::max(scratch, steps_.back()->scratch_floats(pool_->threads()));
