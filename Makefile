@@ -11,7 +11,18 @@ CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 
 all: build
 
-$(STAMP): pyproject.toml setup.py
+APT_PACKAGES := $(shell grep -v '^\#' .ci/apt-packages.txt 2>/dev/null)
+
+# Debian packages (data sets, browsers) the tests use; installed once when missing.
+$(VENV)/.apt: .ci/apt-packages.txt
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml setup.py $(VENV)/.apt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel pybind11 numpy
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
