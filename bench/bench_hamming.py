@@ -220,6 +220,9 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
             results = {}
             for _ in range(reps):
                 for mm in methods:
+                    # Let the previous method's spinning worker threads (OpenMP's or ours) go
+                    # idle first, so no method starts on a machine another one still occupies.
+                    time.sleep(0.05)
                     sec, res = time_call(mm.run, queries, nq_mode, k)
                     times[mm.name].append(sec)
                     results[mm.name] = res

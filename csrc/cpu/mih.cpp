@@ -12,6 +12,7 @@
 
 #include <sys/mman.h>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -352,42 +353,60 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   const int parts = int(std::max<int64_t>(1, threads / p.nq));
 
   struct Shared {
-    std::vector<std::atomic<int64_t>> count_at;  // codes met (within some part's bound) per distance
     std::vector<std::atomic<int64_t>> chunks_done;  // per stage
     std::atomic<int64_t> next_item{0};
     std::atomic<bool> done{false};
   };
+  // What one thread working on a query keeps. Its counts and bound are written by that thread
+  // alone (on their own cache lines) and read by the query's other parts: shared counters would
+  // bounce between the cores on every hit.
   struct Part {
-    std::vector<uint64_t> found;    // (distance, position) of codes met within the bound
-    std::vector<int64_t> count_at;  // the same per distance, for this part's own bound
+    std::vector<uint64_t> found;  // (distance, position) of codes met within the bound
+    std::vector<int64_t> count_at;  // found codes per distance
+    std::unique_ptr<std::atomic<int64_t>[]> published_count_at;  // a copy the other parts read
+    std::unique_ptr<std::atomic<int32_t>> published_bound;       // this part's k-th distance
   };
   std::vector<Shared> shared(size_t(p.nq));
   std::vector<Part> part_state(size_t(p.nq * parts));
   std::vector<Probe> probes(static_cast<size_t>(threads));
   for (auto& pr : probes) pr.t = &t;
   for (auto& sh : shared) {
-    sh.count_at = std::vector<std::atomic<int64_t>>(size_t(max_distance + 1));
-    for (auto& c : sh.count_at) c.store(0, std::memory_order_relaxed);
     sh.chunks_done = std::vector<std::atomic<int64_t>>(size_t(stages));
     for (auto& c : sh.chunks_done) c.store(0, std::memory_order_relaxed);
+  }
+  for (auto& ps : part_state) {
+    ps.count_at.assign(size_t(max_distance + 1), 0);
+    ps.published_count_at.reset(new std::atomic<int64_t>[size_t(max_distance + 1)]);
+    for (int d = 0; d <= max_distance; ++d) ps.published_count_at[size_t(d)].store(0, std::memory_order_relaxed);
+    ps.published_bound.reset(new std::atomic<int32_t>(max_distance));
   }
 
   run_tasks(par, p.nq * parts, [&](int64_t task, int thread) {
     const int64_t qi = task / parts;
     Shared& sh = shared[size_t(qi)];
     Part& ps = part_state[size_t(task)];
+    Part* siblings = part_state.data() + qi * parts;
     Probe& pr = probes[size_t(thread)];
     pr.set_query(p.queries + qi * t.code_bytes);
-    ps.count_at.assign(size_t(max_distance + 1), 0);
-    ps.found.clear();
-    int32_t bound = max_distance;  // this part's k-th smallest distance met so far
-    int64_t within = 0;            // this part's codes met at distance <= bound
+    int32_t own_bound = max_distance;  // the k-th smallest distance this part has met
+    int64_t within = 0;                // this part's codes met at distance <= own_bound
+    // Codes farther than any part's k-th distance cannot make the top k: filter by the smallest.
+    int32_t bound = max_distance;
+    auto refresh_bound = [&]() {
+      for (int j = 0; j < parts; ++j)
+        bound = std::min(bound, siblings[j].published_bound->load(std::memory_order_relaxed));
+    };
     auto hit = [&](int32_t d, int64_t pos) {
       ps.found.push_back(pack_key(d, pos));
-      sh.count_at[size_t(d)].fetch_add(1, std::memory_order_relaxed);
-      ++ps.count_at[size_t(d)];
+      ps.published_count_at[size_t(d)].store(++ps.count_at[size_t(d)], std::memory_order_relaxed);
       ++within;
-      while (within >= p.k && within - ps.count_at[size_t(bound)] >= p.k) within -= ps.count_at[size_t(bound--)];
+      const int32_t before = own_bound;
+      while (within >= p.k && within - ps.count_at[size_t(own_bound)] >= p.k)
+        within -= ps.count_at[size_t(own_bound--)];
+      if (own_bound != before) {
+        ps.published_bound->store(own_bound, std::memory_order_relaxed);
+        bound = std::min(bound, own_bound);
+      }
     };
     int covered = -1;  // stages 0..covered are done (as far as this part has looked)
     while (!sh.done.load(std::memory_order_acquire)) {
@@ -396,6 +415,7 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
       const int stage = int(std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin()) - 1;
       const uint64_t chunk = uint64_t(item - first_item[size_t(stage)]);
       const uint64_t masks = masks_with(t.tables[size_t(stage % m)].bits, stage / m);
+      if (parts > 1) refresh_bound();
       pr.probe(stage % m, stage / m, &bound, hit, chunk * kChunk, std::min(masks, (chunk + 1) * kChunk));
       sh.chunks_done[size_t(stage)].fetch_add(1, std::memory_order_acq_rel);
       while (covered + 1 < stages &&
@@ -403,8 +423,9 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
         ++covered;
       if (covered < 0) continue;
       int64_t known = 0;
-      for (int d = 0; d <= std::min(covered, max_distance) && known < p.k; ++d)
-        known += sh.count_at[size_t(d)].load(std::memory_order_relaxed);
+      for (int j = 0; j < parts; ++j)
+        for (int d = 0; d <= std::min(covered, max_distance) && known < p.k; ++d)
+          known += siblings[j].published_count_at[size_t(d)].load(std::memory_order_relaxed);
       if (known >= p.k) sh.done.store(true, std::memory_order_release);
     }
   });
