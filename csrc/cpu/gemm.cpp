@@ -224,7 +224,7 @@ void run_gemm(const GemmParams& p, Parallel& par) {
       const float* bblk;
       int64_t bstride;
       if (p.b_packed) {
-        bblk = p.b_packed + int64_t(n0 / NR) * p.K * NR + int64_t(k0) * NR;
+        bblk = p.b_packed + bt * p.b_packed_bs + int64_t(n0 / NR) * p.K * NR + int64_t(k0) * NR;
         bstride = int64_t(p.K) * NR;
       } else {
         if (p.pack_b_fn)

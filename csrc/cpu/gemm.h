@@ -61,8 +61,10 @@ struct GemmParams {
   int64_t a_packed_bs = 0;
   const float* a = nullptr;
   int64_t a_rs = 0, a_cs = 0, a_bs = 0;
-  // B: prepacked (b_packed), strided (b, b_rs, b_cs, b_bs) or a custom packer.
+  // B: prepacked (b_packed, b_packed_bs floats apart per batch entry), strided (b, b_rs, b_cs,
+  // b_bs) or a custom packer.
   const float* b_packed = nullptr;
+  int64_t b_packed_bs = 0;
   const float* b = nullptr;
   int64_t b_rs = 0, b_cs = 0, b_bs = 0;
   PackBFn pack_b_fn = nullptr;

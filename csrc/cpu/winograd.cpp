@@ -5,7 +5,10 @@
 #include <cstring>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
 
 namespace cbir::cpu {
 namespace {
@@ -14,48 +17,113 @@ constexpr int A6 = kWinogradAlpha;
 constexpr int XI = A6 * A6;  // 36 transformed positions
 // Tiles per chunk are bounded so the transformed input and output of a chunk (36 x (C + K) x
 // tiles floats) stay around this many floats, whatever the batch and image size.
-constexpr size_t kChunkFloats = size_t(4) << 20;
+constexpr size_t kChunkFloats = size_t(1) << 20;
+constexpr int NR = kGemmNR;
 
-// d (6x6) -> B^T d B, interpolation points 0, +-1, +-2 (Lavin and Gray's F(4,3) matrices).
-inline void input_transform(const float d[A6][A6], float out[A6][A6]) {
-  float t[A6][A6];
+// Transforms of 8 tiles at once (one tile per SIMD lane). Lavin and Gray's F(4,3) matrices with
+// interpolation points 0, +-1, +-2:
+//   B^T rows: [4 0 -5 0 1 0] [0 -4 -4 1 1 0] [0 4 -4 -1 1 0] [0 -2 -1 2 1 0] [0 2 -1 -2 1 0] [0 4 0 -5 0 1]
+//   A^T rows: [1 1 1 1 1 0] [0 1 -1 2 -2 0] [0 1 1 4 4 0] [0 1 -1 8 -8 1]
+using V8 = __m256;
+
+inline V8 add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
+inline V8 sub(V8 a, V8 b) { return _mm256_sub_ps(a, b); }
+inline V8 mul(float s, V8 a) { return _mm256_mul_ps(_mm256_set1_ps(s), a); }
+inline V8 fma(float s, V8 a, V8 b) { return _mm256_fmadd_ps(_mm256_set1_ps(s), a, b); }
+
+// out[0..5] = B^T d for one column of six values.
+inline void bt6(const V8 d[6], V8 out[6]) {
+  const V8 t1 = sub(d[4], mul(4.0f, d[2])), t2 = sub(d[3], mul(4.0f, d[1]));  // d4-4d2, d3-4d1
+  const V8 t3 = sub(d[4], d[2]), t4 = mul(2.0f, sub(d[3], d[1]));               // d4-d2, 2(d3-d1)
+  out[0] = add(fma(4.0f, d[0], mul(-5.0f, d[2])), d[4]);
+  out[1] = add(t1, t2);
+  out[2] = sub(t1, t2);
+  out[3] = add(t3, t4);
+  out[4] = sub(t3, t4);
+  out[5] = add(fma(4.0f, d[1], mul(-5.0f, d[3])), d[5]);
+}
+
+// out[0..3] = A^T m for one column of six values.
+inline void at6(const V8 m[6], V8 out[4]) {
+  const V8 s12 = add(m[1], m[2]), d12 = sub(m[1], m[2]);
+  const V8 s34 = add(m[3], m[4]), d34 = sub(m[3], m[4]);
+  out[0] = add(add(m[0], s12), s34);
+  out[1] = fma(2.0f, d34, d12);
+  out[2] = fma(4.0f, s34, s12);
+  out[3] = add(fma(8.0f, d34, d12), m[5]);
+}
+
+// r[lane] holds 8 values of one lane; afterwards out[k][lane] = r[lane][k] for k < 6.
+inline void transpose8x6(const V8 r[8], V8 out[6]) {
+  const V8 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const V8 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const V8 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const V8 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const V8 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const V8 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const V8 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const V8 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  out[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  out[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  out[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  out[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  out[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  out[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+}
+
+// c[q][lane] for q < 4 -> rows[lane] = (c[0][lane], c[1][lane], c[2][lane], c[3][lane]).
+inline void transpose4x8(const V8 c[4], __m128 rows[8]) {
+  const V8 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);
+  const V8 t2 = _mm256_unpacklo_ps(c[2], c[3]), t3 = _mm256_unpackhi_ps(c[2], c[3]);
+  const V8 r0 = _mm256_shuffle_ps(t0, t2, 0x44), r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const V8 r2 = _mm256_shuffle_ps(t1, t3, 0x44), r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  rows[0] = _mm256_castps256_ps128(r0), rows[4] = _mm256_extractf128_ps(r0, 1);
+  rows[1] = _mm256_castps256_ps128(r1), rows[5] = _mm256_extractf128_ps(r1, 1);
+  rows[2] = _mm256_castps256_ps128(r2), rows[6] = _mm256_extractf128_ps(r2, 1);
+  rows[3] = _mm256_castps256_ps128(r3), rows[7] = _mm256_extractf128_ps(r3, 1);
+}
+
+inline __m128 act4(Act act, __m128 v, float a, float b) {
+  switch (act) {
+    case Act::None: return v;
+    case Act::Relu: return _mm_max_ps(_mm_setzero_ps(), v);
+    case Act::Clip: return _mm_min_ps(_mm_set1_ps(b), _mm_max_ps(_mm_set1_ps(a), v));
+    case Act::LeakyRelu:
+      return _mm_blendv_ps(v, _mm_mul_ps(v, _mm_set1_ps(a)), _mm_cmplt_ps(v, _mm_setzero_ps()));
+    case Act::Sigmoid: {
+      alignas(16) float t[4];
+      _mm_store_ps(t, v);
+      for (float& e : t) e = 1.0f / (1.0f + std::exp(-e));
+      return _mm_load_ps(t);
+    }
+  }
+  return v;
+}
+
+// d[i][j] (6x6 per lane) -> B^T d B, written to v[i*6+j].
+inline void input_transform8(V8 d[A6][A6], V8 v[XI]) {
+  V8 t[A6][A6];
   for (int j = 0; j < A6; ++j) {
-    const float d0 = d[0][j], d1 = d[1][j], d2 = d[2][j], d3 = d[3][j], d4 = d[4][j], d5 = d[5][j];
-    t[0][j] = 4 * d0 - 5 * d2 + d4;
-    t[1][j] = -4 * d1 - 4 * d2 + d3 + d4;
-    t[2][j] = 4 * d1 - 4 * d2 - d3 + d4;
-    t[3][j] = -2 * d1 - d2 + 2 * d3 + d4;
-    t[4][j] = 2 * d1 - d2 - 2 * d3 + d4;
-    t[5][j] = 4 * d1 - 5 * d3 + d5;
+    V8 col[6] = {d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]}, out[6];
+    bt6(col, out);
+    for (int i = 0; i < A6; ++i) t[i][j] = out[i];
   }
   for (int i = 0; i < A6; ++i) {
-    const float d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3], d4 = t[i][4], d5 = t[i][5];
-    out[i][0] = 4 * d0 - 5 * d2 + d4;
-    out[i][1] = -4 * d1 - 4 * d2 + d3 + d4;
-    out[i][2] = 4 * d1 - 4 * d2 - d3 + d4;
-    out[i][3] = -2 * d1 - d2 + 2 * d3 + d4;
-    out[i][4] = 2 * d1 - d2 - 2 * d3 + d4;
-    out[i][5] = 4 * d1 - 5 * d3 + d5;
+    V8 out[6];
+    bt6(t[i], out);
+    for (int j = 0; j < A6; ++j) v[i * A6 + j] = out[j];
   }
 }
 
-// m (6x6) -> A^T m A (4x4).
-inline void output_transform(const float m[A6][A6], float out[4][4]) {
-  float t[4][A6];
+// m[i*6+j] (6x6 per lane) -> A^T m A (4x4 per lane).
+inline void output_transform8(const V8 m[XI], V8 y[4][4]) {
+  V8 t[4][A6];
   for (int j = 0; j < A6; ++j) {
-    const float m0 = m[0][j], m1 = m[1][j], m2 = m[2][j], m3 = m[3][j], m4 = m[4][j], m5 = m[5][j];
-    t[0][j] = m0 + m1 + m2 + m3 + m4;
-    t[1][j] = m1 - m2 + 2 * (m3 - m4);
-    t[2][j] = m1 + m2 + 4 * (m3 + m4);
-    t[3][j] = m1 - m2 + 8 * (m3 - m4) + m5;
+    V8 col[6] = {m[j], m[6 + j], m[12 + j], m[18 + j], m[24 + j], m[30 + j]}, out[4];
+    at6(col, out);
+    for (int i = 0; i < 4; ++i) t[i][j] = out[i];
   }
-  for (int i = 0; i < 4; ++i) {
-    const float m0 = t[i][0], m1 = t[i][1], m2 = t[i][2], m3 = t[i][3], m4 = t[i][4], m5 = t[i][5];
-    out[i][0] = m0 + m1 + m2 + m3 + m4;
-    out[i][1] = m1 - m2 + 2 * (m3 - m4);
-    out[i][2] = m1 + m2 + 4 * (m3 + m4);
-    out[i][3] = m1 - m2 + 8 * (m3 - m4) + m5;
-  }
+  for (int i = 0; i < 4; ++i) at6(t[i], y[i]);
 }
 
 struct Tiling {
@@ -74,17 +142,6 @@ Tiling tiling(const Conv2dParams& p) {
   chunk = (chunk + kGemmNR - 1) / kGemmNR * kGemmNR;
   t.chunk = std::min<int64_t>(chunk, t.total);
   return t;
-}
-
-float act_scalar(Act act, float v, float a, float b) {
-  switch (act) {
-    case Act::None: return v;
-    case Act::Relu: return v < 0.0f ? 0.0f : v;
-    case Act::Clip: return v < a ? a : (v > b ? b : v);
-    case Act::LeakyRelu: return v < 0.0f ? v * a : v;
-    case Act::Sigmoid: return 1.0f / (1.0f + std::exp(-v));
-  }
-  return v;
 }
 
 }  // namespace
@@ -116,10 +173,14 @@ void pack_winograd_weight(const float* w, int K, int C, float* out) {
 
 size_t winograd_workspace_floats(const Conv2dParams& p) {
   const Tiling t = tiling(p);
-  return size_t(XI) * size_t(p.C + p.K) * size_t(t.chunk);
+  const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
+  return size_t(XI) * size_t(p.C + p.K) * tiles;
 }
 
-static GemmParams chunk_gemm(const Conv2dParams& p, int64_t tiles, float* v, float* m) {
+// The chunk's 36 GEMMs: M[xi] (K x tiles) = U[xi] (K x C) * V[xi] (C x tiles), with V already
+// in packed-B panels of 16 tiles.
+static GemmParams chunk_gemm(const Conv2dParams& p, int64_t tiles, const float* v, float* m) {
+  const int64_t padded = (tiles + NR - 1) / NR * NR;
   GemmParams g;
   g.M = p.K;
   g.N = int(tiles);
@@ -127,10 +188,8 @@ static GemmParams chunk_gemm(const Conv2dParams& p, int64_t tiles, float* v, flo
   g.batch = XI;
   g.a_packed = p.w;
   g.a_packed_bs = int64_t(packed_a_floats(p.K, p.C));
-  g.b = v;
-  g.b_rs = tiles;
-  g.b_cs = 1;
-  g.b_bs = int64_t(p.C) * tiles;
+  g.b_packed = v;
+  g.b_packed_bs = int64_t(p.C) * padded;
   g.c = m;
   g.ldc = tiles;
   g.c_bs = int64_t(p.K) * tiles;
@@ -146,64 +205,94 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
   const Tiling t = tiling(p);
   const int64_t per_image = int64_t(t.th) * t.tw;
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
-  float* V = workspace;                                   // [36][C][chunk]
-  float* M = workspace + size_t(XI) * p.C * t.chunk;      // [36][K][chunk]
-  constexpr int64_t kTilesPerTask = 32;
+  const int64_t max_padded = (t.chunk + NR - 1) / NR * NR;
+  float* V = workspace;                                    // [36][tiles/16][C][16]
+  float* M = workspace + size_t(XI) * p.C * max_padded;    // [36][K][tiles]
 
   for (int64_t t0 = 0; t0 < t.total; t0 += t.chunk) {
     const int64_t tiles = std::min(t.chunk, t.total - t0);
-    const int64_t groups = (tiles + kTilesPerTask - 1) / kTilesPerTask;
-    // 1. Input transform: V[xi][c][tile].
+    const int64_t padded = (tiles + NR - 1) / NR * NR;
+    const int64_t groups = padded / 8;  // 8 tiles per SIMD group; the padding tiles are zeros
+    const int64_t xi_stride = int64_t(p.C) * padded;
+    // 1. Input transform, 8 tiles per step, straight into packed-B panels.
     auto in_task = [&](int64_t task, int) {
-      const int c = int(task / groups);
-      const int64_t g0 = (task % groups) * kTilesPerTask, g1 = std::min(tiles, g0 + kTilesPerTask);
-      for (int64_t j = g0; j < g1; ++j) {
+      const int c = int(task % p.C);
+      const int64_t g = task / p.C;
+      // Row i of every lane's 6x6 patch as one vector (6 valid floats), then transposed so
+      // that dv[i][k] holds column k of row i across the 8 lanes.
+      const __m256i six = simd::tail_mask(6);
+      V8 rows[A6][8];
+      for (int lane = 0; lane < 8; ++lane) {
+        const int64_t j = g * 8 + lane;
+        if (j >= tiles) {
+          for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_setzero_ps();
+          continue;
+        }
         const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
         const int y0 = int(r / t.tw) * 4 - p.PT, x0 = int(r % t.tw) * 4 - p.PL;
         const float* x = p.x + (n * p.C + c) * in_plane;
-        float d[A6][A6], v[A6][A6];
-        const bool inside = y0 >= 0 && x0 >= 0 && y0 + A6 <= p.H && x0 + A6 <= p.W;
-        for (int i = 0; i < A6; ++i) {
-          const int yy = y0 + i;
-          const float* row = x + int64_t(yy) * p.W;
-          for (int k = 0; k < A6; ++k) {
-            const int xx = x0 + k;
-            d[i][k] = (inside || (yy >= 0 && yy < p.H && xx >= 0 && xx < p.W)) ? row[xx] : 0.0f;
+        if (y0 >= 0 && x0 >= 0 && y0 + A6 <= p.H && x0 + A6 <= p.W) {
+          for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_maskload_ps(x + int64_t(y0 + i) * p.W + x0, six);
+        } else {  // the patch crosses the image border: zeros outside
+          for (int i = 0; i < A6; ++i) {
+            const int yy = y0 + i;
+            alignas(32) float row[8] = {};
+            if (yy >= 0 && yy < p.H)
+              for (int k = 0; k < A6; ++k) {
+                const int xx = x0 + k;
+                if (xx >= 0 && xx < p.W) row[k] = x[int64_t(yy) * p.W + xx];
+              }
+            rows[i][lane] = _mm256_load_ps(row);
           }
         }
-        input_transform(d, v);
-        float* out = V + int64_t(c) * tiles + j;
-        for (int xi = 0; xi < XI; ++xi) out[int64_t(xi) * p.C * tiles] = v[xi / A6][xi % A6];
       }
+      V8 dv[A6][A6], v[XI];
+      for (int i = 0; i < A6; ++i) transpose8x6(rows[i], dv[i]);
+      input_transform8(dv, v);
+      // Tiles g*8 .. g*8+7 sit in panel (g*8)/16 at lane offset (g*8)%16.
+      float* out = V + (g * 8 / NR) * int64_t(p.C) * NR + int64_t(c) * NR + (g * 8) % NR;
+      for (int xi = 0; xi < XI; ++xi) _mm256_storeu_ps(out + xi * xi_stride, v[xi]);
     };
     par.run(int64_t(p.C) * groups, in_task);
-    // 2. 36 GEMMs: M[xi] = U[xi] (K x C) V[xi] (C x tiles).
+    // 2. The 36 GEMMs.
     run_gemm(chunk_gemm(p, tiles, V, M), par);
-    // 3. Output transform with the epilogue.
+    // 3. Output transform, 8 tiles per step, with the epilogue.
+    const int64_t out_groups = (tiles + 7) / 8;
     auto out_task = [&](int64_t task, int) {
-      const int k = int(task / groups);
-      const int64_t g0 = (task % groups) * kTilesPerTask, g1 = std::min(tiles, g0 + kTilesPerTask);
-      const float b = p.bias ? p.bias[k] : 0.0f;
-      for (int64_t j = g0; j < g1; ++j) {
-        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
+      const int k = int(task % p.K);
+      const int64_t g = task / p.K;
+      const int lanes = int(std::min<int64_t>(8, tiles - g * 8));
+      const float* src = M + int64_t(k) * tiles + g * 8;
+      V8 m[XI];
+      if (lanes == 8) {
+        for (int xi = 0; xi < XI; ++xi) m[xi] = _mm256_loadu_ps(src + int64_t(xi) * p.K * tiles);
+      } else {
+        const __m256i mask = simd::tail_mask(lanes);
+        for (int xi = 0; xi < XI; ++xi) m[xi] = _mm256_maskload_ps(src + int64_t(xi) * p.K * tiles, mask);
+      }
+      V8 yv[4][4];
+      output_transform8(m, yv);
+      const __m128 b = _mm_set1_ps(p.bias ? p.bias[k] : 0.0f);
+      __m128 rows[4][8];
+      for (int i = 0; i < 4; ++i) transpose4x8(yv[i], rows[i]);
+      for (int lane = 0; lane < lanes; ++lane) {
+        const int64_t tile = t0 + g * 8 + lane, n = tile / per_image, r = tile % per_image;
         const int y0 = int(r / t.tw) * 4, x0 = int(r % t.tw) * 4;
-        float m[A6][A6], y[4][4];
-        const float* src = M + int64_t(k) * tiles + j;
-        for (int xi = 0; xi < XI; ++xi) m[xi / A6][xi % A6] = src[int64_t(xi) * p.K * tiles];
-        output_transform(m, y);
         float* out = p.y + (n * p.K + k) * out_plane;
         const float* res = p.residual ? p.residual + (n * p.K + k) * out_plane : nullptr;
-        const int rows = std::min(4, p.OH - y0), cols = std::min(4, p.OW - x0);
-        for (int i = 0; i < rows; ++i)
-          for (int q = 0; q < cols; ++q) {
-            const int64_t o = int64_t(y0 + i) * p.OW + x0 + q;
-            float v = y[i][q] + b;
-            if (res) v += res[o];
-            out[o] = act_scalar(p.act, v, p.act_a, p.act_b);
-          }
+        const int nrows = std::min(4, p.OH - y0), cols = std::min(4, p.OW - x0);
+        const __m128i mask = _mm256_castsi256_si128(simd::tail_mask(cols));
+        for (int i = 0; i < nrows; ++i) {
+          const int64_t o = int64_t(y0 + i) * p.OW + x0;
+          __m128 v = _mm_add_ps(rows[i][lane], b);
+          if (res) v = _mm_add_ps(v, cols == 4 ? _mm_loadu_ps(res + o) : _mm_maskload_ps(res + o, mask));
+          v = act4(p.act, v, p.act_a, p.act_b);
+          if (cols == 4) _mm_storeu_ps(out + o, v);
+          else _mm_maskstore_ps(out + o, mask, v);
+        }
       }
     };
-    par.run(int64_t(p.K) * groups, out_task);
+    par.run(int64_t(p.K) * out_groups, out_task);
   }
 }
 
