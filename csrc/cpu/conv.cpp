@@ -17,14 +17,15 @@ struct ImageCtx {
 };
 
 // Packs im2col rows [k0, k0+kc) (k = (c, ky, kx)) and output pixels [n0, n0+nc).
-void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, int nc, float* dst) {
+void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, int nc, float* dst,
+                      int64_t panel_stride) {
   const ImageCtx& g = *static_cast<const ImageCtx*>(vctx);
   const float* x = g.x + batch * g.x_bs;
   const int khw = g.KH * g.KW;
   const int64_t plane = int64_t(g.H) * g.W;
   for (int jp = 0; jp < nc; jp += NR) {
     const int cols = std::min(NR, nc - jp);
-    float* panel = dst + int64_t(jp / NR) * kc * NR;
+    float* panel = dst + int64_t(jp / NR) * panel_stride;
     int iy0[NR], ix0[NR];
     {
       int n = n0 + jp, oy = n / g.OW, ox = n % g.OW;
@@ -107,6 +108,7 @@ GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx) {
     gp.ep.res_cs = 1;
     gp.ep.res_bs = int64_t(p.K) * out_plane;
   }
+  gp.workspace = p.workspace;
   gp.ep.act = p.act;
   gp.ep.act_a = p.act_a;
   gp.ep.act_b = p.act_b;
@@ -128,6 +130,11 @@ void pack_conv2d_weight(const float* w, int K, int Cg, int KH, int KW, int group
 size_t conv2d_scratch_floats(const Conv2dParams& p, int threads) {
   ImageCtx ctx;
   return gemm_scratch_floats(group_gemm(p, 0, ctx), threads);
+}
+
+size_t conv2d_workspace_floats(const Conv2dParams& p, int threads) {
+  ImageCtx ctx;
+  return gemm_workspace_floats(group_gemm(p, 0, ctx), threads);
 }
 
 void run_conv2d(const Conv2dParams& p, Parallel& par) {

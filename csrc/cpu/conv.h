@@ -23,6 +23,7 @@ struct Conv2dParams {
   float* y = nullptr;
   Act act = Act::None;
   float act_a = 0.0f, act_b = 0.0f;
+  float* workspace = nullptr;  // conv2d_workspace_floats() floats, shared by the threads
 };
 
 // Weights [K, C/groups, KH, KW] -> per-group packed GEMM A operands, back to back.
@@ -30,6 +31,7 @@ size_t conv2d_packed_weight_floats(int K, int Cg, int KH, int KW, int groups);
 void pack_conv2d_weight(const float* w, int K, int Cg, int KH, int KW, int groups, float* out);
 
 size_t conv2d_scratch_floats(const Conv2dParams& p, int threads);
+size_t conv2d_workspace_floats(const Conv2dParams& p, int threads);
 void run_conv2d(const Conv2dParams& p, Parallel& par);
 
 // Depthwise: groups == C and K a multiple of C; w is the raw weight.

@@ -51,12 +51,13 @@ constexpr MicroFn kMicro[MR + 1] = {nullptr,          micro_kernel<1>, micro_ker
                                     micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
                                     micro_kernel<6>};
 
-// Packs rows [k0, k0+kc) x cols [n0, n0+nc) of a strided B into panels of kc x NR.
+// Packs rows [k0, k0+kc) x cols [n0, n0+nc) of a strided B into panels of kc x NR placed
+// `panel_stride` floats apart.
 void pack_b_block(const float* b, int64_t rs, int64_t cs, int k0, int kc, int n0, int nc,
-                  float* dst) {
+                  float* dst, int64_t panel_stride) {
   for (int jp = 0; jp < nc; jp += NR) {
     const int cols = std::min(NR, nc - jp);
-    float* panel = dst + int64_t(jp / NR) * kc * NR;
+    float* panel = dst + int64_t(jp / NR) * panel_stride;
     for (int k = 0; k < kc; ++k) {
       const float* src = b + int64_t(k0 + k) * rs + int64_t(n0 + jp) * cs;
       float* out = panel + k * NR;
@@ -183,7 +184,13 @@ void pack_a(const float* a, int64_t rs, int64_t cs, int M, int K, float* out) {
 }
 
 void pack_b(const float* b, int64_t rs, int64_t cs, int K, int N, float* out) {
-  pack_b_block(b, rs, cs, 0, K, 0, N, out);
+  pack_b_block(b, rs, cs, 0, K, 0, N, out, int64_t(K) * NR);
+}
+
+size_t gemm_workspace_floats(const GemmParams& p, int threads) {
+  const Blocking bl = choose_blocking(p, threads);
+  if (bl.m_blocks <= 1 || p.b_packed) return 0;
+  return size_t(p.batch) * packed_b_floats(p.K, p.N);
 }
 
 size_t gemm_scratch_floats(const GemmParams& p, int threads) {
@@ -194,9 +201,31 @@ size_t gemm_scratch_floats(const GemmParams& p, int threads) {
   return need;
 }
 
-void run_gemm(const GemmParams& p, Parallel& par) {
-  if (p.M <= 0 || p.N <= 0 || p.batch <= 0) return;
-  const Blocking bl = choose_blocking(p, par.threads());
+void run_gemm(const GemmParams& params, Parallel& par) {
+  if (params.M <= 0 || params.N <= 0 || params.batch <= 0) return;
+  const Blocking bl = choose_blocking(params, par.threads());
+  GemmParams prepacked;
+  if (bl.m_blocks > 1 && !params.b_packed && params.workspace && params.K > 0) {
+    // Pack all of B once, in parallel, instead of once per row block.
+    const int64_t per_batch = int64_t(packed_b_floats(params.K, params.N));
+    const int64_t n_panels = ceil_div(params.N, NR), k_blocks = ceil_div(params.K, KC);
+    auto pack_task = [&](int64_t t, int) {
+      const int64_t kb = t % k_blocks, q = (t / k_blocks) % n_panels, bt = t / (k_blocks * n_panels);
+      const int k0 = int(kb * KC), kc = std::min(KC, params.K - k0), n0 = int(q * NR);
+      const int nc = std::min(NR, params.N - n0);
+      float* dst = params.workspace + bt * per_batch + q * int64_t(params.K) * NR + int64_t(k0) * NR;
+      if (params.pack_b_fn)
+        params.pack_b_fn(params.pack_b_ctx, bt, k0, kc, n0, nc, dst, int64_t(params.K) * NR);
+      else
+        pack_b_block(params.b + bt * params.b_bs, params.b_rs, params.b_cs, k0, kc, n0, nc, dst,
+                     int64_t(params.K) * NR);
+    };
+    par.run(params.batch * n_panels * k_blocks, pack_task);
+    prepacked = params;
+    prepacked.b_packed = params.workspace;
+    prepacked.b_packed_bs = per_batch;
+  }
+  const GemmParams& p = prepacked.b_packed ? prepacked : params;
   const int64_t tasks = p.batch * bl.n_blocks * bl.m_blocks;
 
   auto task = [&](int64_t t, int thread) {
@@ -228,9 +257,9 @@ void run_gemm(const GemmParams& p, Parallel& par) {
         bstride = int64_t(p.K) * NR;
       } else {
         if (p.pack_b_fn)
-          p.pack_b_fn(p.pack_b_ctx, bt, k0, kc, n0, nc, bbuf);
+          p.pack_b_fn(p.pack_b_ctx, bt, k0, kc, n0, nc, bbuf, int64_t(kc) * NR);
         else
-          pack_b_block(p.b + bt * p.b_bs, p.b_rs, p.b_cs, k0, kc, n0, nc, bbuf);
+          pack_b_block(p.b + bt * p.b_bs, p.b_rs, p.b_cs, k0, kc, n0, nc, bbuf, int64_t(kc) * NR);
         bblk = bbuf;
         bstride = int64_t(kc) * NR;
       }

@@ -48,10 +48,10 @@ void pack_a(const float* a, int64_t rs, int64_t cs, int M, int K, float* out);
 void pack_b(const float* b, int64_t rs, int64_t cs, int K, int N, float* out);
 
 // Fills a packed B block: rows [k0, k0+kc), columns [n0, n0+nc) of batch entry `batch`,
-// written as ceil(nc/NR) panels of kc x NR floats (zero padded). Lets Conv pack im2col columns
-// straight from the image without materialising the im2col matrix.
+// written as ceil(nc/NR) panels of kc x NR floats (zero padded), `panel_stride` floats apart.
+// Lets Conv pack im2col columns straight from the image without materialising im2col.
 using PackBFn = void (*)(const void* ctx, int64_t batch, int k0, int kc, int n0, int nc,
-                         float* dst);
+                         float* dst, int64_t panel_stride);
 
 struct GemmParams {
   int M = 0, N = 0, K = 0;
@@ -73,10 +73,15 @@ struct GemmParams {
   float* c = nullptr;
   int64_t ldc = 0, c_bs = 0;
   Epilogue ep;
+  // Shared buffer of gemm_workspace_floats(): when several row blocks read the same B columns
+  // (few columns, many rows: late layers at batch 1), B is packed once into it, not per task.
+  float* workspace = nullptr;
 };
 
 // Per-thread scratch the call needs (floats).
 size_t gemm_scratch_floats(const GemmParams& p, int threads);
+// Shared workspace that lets the call pack B once (0: it never needs to).
+size_t gemm_workspace_floats(const GemmParams& p, int threads);
 void run_gemm(const GemmParams& p, Parallel& par);
 
 }  // namespace cbir::cpu

@@ -53,10 +53,17 @@ class ConvStep final : public Step {
       default: return 0;
     }
   }
-  size_t workspace_floats() const override {
-    return method_ == ConvMethod::Winograd ? cpu::winograd_workspace_floats(p_) : 0;
+  size_t workspace_floats(int threads) const override {
+    switch (method_) {
+      case ConvMethod::Gemm: return cpu::conv2d_workspace_floats(p_, threads);
+      case ConvMethod::Winograd: return cpu::winograd_workspace_floats(p_);
+      default: return 0;
+    }
   }
-  void bind_workspace(float* ws) override { workspace_ = ws; }
+  void bind_workspace(float* ws) override {
+    workspace_ = ws;
+    p_.workspace = ws;
+  }
 
  private:
   cpu::Conv2dParams p_;
@@ -132,6 +139,8 @@ class GemmStep final : public Step {
     }
   }
   size_t scratch_floats(int threads) const override { return cpu::gemm_scratch_floats(base_, threads); }
+  size_t workspace_floats(int threads) const override { return cpu::gemm_workspace_floats(base_, threads); }
+  void bind_workspace(float* ws) override { base_.workspace = ws; }
 
  private:
   cpu::GemmParams base_;
@@ -410,7 +419,7 @@ Executor::Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::v
     Args args(spec, *this);
     steps_.push_back(it->second(args));
     scratch = std::max(scratch, steps_.back()->scratch_floats(pool_->threads()));
-    workspace = std::max(workspace, steps_.back()->workspace_floats());
+    workspace = std::max(workspace, steps_.back()->workspace_floats(pool_->threads()));
   }
   pool_->reserve_scratch(scratch);
   if (workspace) {

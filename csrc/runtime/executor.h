@@ -41,7 +41,7 @@ class Step {
   virtual size_t scratch_floats(int /*threads*/) const { return 0; }
   // A buffer shared by all threads for the duration of the step (steps run one at a time, so
   // they all share one allocation of the largest size asked for).
-  virtual size_t workspace_floats() const { return 0; }
+  virtual size_t workspace_floats(int /*threads*/) const { return 0; }
   virtual void bind_workspace(float* /*ws*/) {}
 };
 

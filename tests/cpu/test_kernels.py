@@ -75,6 +75,9 @@ POOL_CASES = [
     ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 5, 6, 6)),
     ({"kernel_shape": [5, 3], "strides": [2, 1], "pads": [2, 1, 2, 1]}, (1, 3, 11, 9)),
     ({"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, (1, 2, 9, 9)),
+    ({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, (1, 2, 5, 4100)),  # wide rows
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (2, 3, 9, 37)),
+    ({"kernel_shape": [5, 5], "strides": [1, 1], "pads": [2, 1, 2, 3]}, (1, 3, 11, 59)),
 ]
 
 
