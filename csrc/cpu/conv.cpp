@@ -35,8 +35,8 @@ void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, i
         if (++ox == g.OW) ox = 0, ++oy;
       }
     }
-    // All columns on one output row with unit stride: each k row is a contiguous run of x.
-    const bool run = g.SW == 1 && cols == NR && iy0[0] == iy0[cols - 1];
+    // All columns on one output row with stride 1 or 2: each k row is a (strided) run of x.
+    const bool run = (g.SW == 1 || g.SW == 2) && cols == NR && iy0[0] == iy0[cols - 1];
     int ch = k0 / khw, rem = k0 % khw, ky = rem / g.KW, kx = rem % g.KW;
     for (int k = 0; k < kc; ++k) {
       float* out = panel + int64_t(k) * NR;
@@ -47,14 +47,22 @@ void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, i
         if (iy < 0 || iy >= g.H) {
           _mm256_storeu_ps(out, _mm256_setzero_ps());
           _mm256_storeu_ps(out + 8, _mm256_setzero_ps());
-        } else if (ix >= 0 && ix + NR <= g.W) {
+        } else if (g.SW == 1 && ix >= 0 && ix + NR <= g.W) {
           const float* src = xc + int64_t(iy) * g.W + ix;
           _mm256_storeu_ps(out, _mm256_loadu_ps(src));
           _mm256_storeu_ps(out + 8, _mm256_loadu_ps(src + 8));
+        } else if (g.SW == 2 && ix >= 0 && ix + 2 * NR <= g.W) {
+          // Even elements of 32 consecutive floats: shuffle pairs, then restore lane order.
+          const float* src = xc + int64_t(iy) * g.W + ix;
+          for (int h = 0; h < 2; ++h) {
+            const __m256 a = _mm256_loadu_ps(src + 16 * h), b = _mm256_loadu_ps(src + 16 * h + 8);
+            const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+            _mm256_storeu_ps(out + 8 * h, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8)));
+          }
         } else {
           const float* src = xc + int64_t(iy) * g.W;
           for (int j = 0; j < NR; ++j) {
-            const int xx = ix + j;
+            const int xx = ix + j * g.SW;
             out[j] = (xx >= 0 && xx < g.W) ? src[xx] : 0.0f;
           }
         }

@@ -17,10 +17,23 @@ constexpr int NC = 128;  // columns per task: a KC x NC packed B block is 128 Ki
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// R x 16 register tile: C (+)= A_panel[kc x MR] * B_panel[kc x NR], rows < R untouched.
-template <int R>
+// The epilogue of one full-width tile, applied on the accumulators before the single store
+// (bias, residual, ReLU/Clip; other cases take the separate apply_epilogue pass).
+struct TileEpilogue {
+  const float* row_bias = nullptr;  // bias of the tile's first row (per-row bias)
+  const float* col_bias = nullptr;  // bias of the tile's first column (per-column bias)
+  const float* res = nullptr;       // residual of the tile's first element, unit column stride
+  int64_t res_rs = 0;
+  float beta = 1.0f;
+  bool relu = false, clip = false;
+  float lo = 0.0f, hi = 0.0f;
+};
+
+// R x 16 register tile: C (+)= A_panel[kc x MR] * B_panel[kc x NR], rows < R untouched; with
+// kFused, the tile epilogue is applied in registers.
+template <int R, bool kFused>
 void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
-                  int64_t ldc, bool accumulate) {
+                  int64_t ldc, bool accumulate, const TileEpilogue* ep) {
   __m256 acc0[R], acc1[R];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
@@ -41,15 +54,49 @@ void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, 
       acc0[r] = _mm256_add_ps(acc0[r], _mm256_loadu_ps(row));
       acc1[r] = _mm256_add_ps(acc1[r], _mm256_loadu_ps(row + 8));
     }
+    if (kFused) {
+      if (ep->row_bias) {
+        const __m256 bias = _mm256_broadcast_ss(ep->row_bias + r);
+        acc0[r] = _mm256_add_ps(acc0[r], bias);
+        acc1[r] = _mm256_add_ps(acc1[r], bias);
+      }
+      if (ep->col_bias) {
+        acc0[r] = _mm256_add_ps(acc0[r], _mm256_loadu_ps(ep->col_bias));
+        acc1[r] = _mm256_add_ps(acc1[r], _mm256_loadu_ps(ep->col_bias + 8));
+      }
+      if (ep->res) {
+        const float* rr = ep->res + r * ep->res_rs;
+        const __m256 beta = _mm256_set1_ps(ep->beta);
+        acc0[r] = _mm256_fmadd_ps(beta, _mm256_loadu_ps(rr), acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(beta, _mm256_loadu_ps(rr + 8), acc1[r]);
+      }
+      if (ep->relu) {
+        acc0[r] = simd::relu(acc0[r]);
+        acc1[r] = simd::relu(acc1[r]);
+      } else if (ep->clip) {
+        const __m256 lo = _mm256_set1_ps(ep->lo), hi = _mm256_set1_ps(ep->hi);
+        acc0[r] = simd::clip(acc0[r], lo, hi);
+        acc1[r] = simd::clip(acc1[r], lo, hi);
+      }
+    }
     _mm256_storeu_ps(row, acc0[r]);
     _mm256_storeu_ps(row + 8, acc1[r]);
   }
 }
 
-using MicroFn = void (*)(int, const float*, const float*, float*, int64_t, bool);
-constexpr MicroFn kMicro[MR + 1] = {nullptr,          micro_kernel<1>, micro_kernel<2>,
-                                    micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
-                                    micro_kernel<6>};
+using MicroFn = void (*)(int, const float*, const float*, float*, int64_t, bool, const TileEpilogue*);
+constexpr MicroFn kMicro[MR + 1] = {nullptr,
+                                    micro_kernel<1, false>, micro_kernel<2, false>, micro_kernel<3, false>,
+                                    micro_kernel<4, false>, micro_kernel<5, false>, micro_kernel<6, false>};
+constexpr MicroFn kMicroFused[MR + 1] = {nullptr,
+                                         micro_kernel<1, true>, micro_kernel<2, true>, micro_kernel<3, true>,
+                                         micro_kernel<4, true>, micro_kernel<5, true>, micro_kernel<6, true>};
+
+// Whether `ep` can run inside the micro-kernel (the common conv/Gemm epilogues).
+bool fusable(const Epilogue& ep) {
+  return ep.alpha == 1.0f && (ep.act == Act::None || ep.act == Act::Relu || ep.act == Act::Clip) &&
+         (!ep.residual || ep.res_cs == 1);
+}
 
 // Packs rows [k0, k0+kc) x cols [n0, n0+nc) of a strided B into panels of kc x NR placed
 // `panel_stride` floats apart.
@@ -226,6 +273,7 @@ void run_gemm(const GemmParams& params, Parallel& par) {
     prepacked.b_packed_bs = per_batch;
   }
   const GemmParams& p = prepacked.b_packed ? prepacked : params;
+  const bool fused = fusable(p.ep);
   const int64_t tasks = p.batch * bl.n_blocks * bl.m_blocks;
 
   auto task = [&](int64_t t, int thread) {
@@ -280,12 +328,26 @@ void run_gemm(const GemmParams& params, Parallel& par) {
           const int rows = std::min(MR, mc - ip);
           const float* ap = ablk + int64_t(ip / MR) * astride;
           float* cp = cbase + int64_t(m0 + ip) * p.ldc + n0 + jp;
+          if (cols == NR && last && fused) {
+            TileEpilogue te;
+            const int i0 = m0 + ip, j0 = n0 + jp;
+            te.row_bias = (p.ep.bias && p.ep.bias_per_row) ? p.ep.bias + i0 : nullptr;
+            te.col_bias = (p.ep.bias && !p.ep.bias_per_row) ? p.ep.bias + j0 : nullptr;
+            te.res = res ? res + int64_t(i0) * p.ep.res_rs + j0 : nullptr;
+            te.res_rs = p.ep.res_rs;
+            te.beta = p.ep.beta;
+            te.relu = p.ep.act == Act::Relu;
+            te.clip = p.ep.act == Act::Clip;
+            te.lo = p.ep.act_a, te.hi = p.ep.act_b;
+            kMicroFused[rows](kc, ap, bp, cp, p.ldc, accumulate, &te);
+            continue;
+          }
           if (cols == NR) {
-            kMicro[rows](kc, ap, bp, cp, p.ldc, accumulate);
+            kMicro[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
           } else {
             if (accumulate)
               for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));
-            kMicro[rows](kc, ap, bp, tile, NR, accumulate);
+            kMicro[rows](kc, ap, bp, tile, NR, accumulate, nullptr);
             for (int r = 0; r < rows; ++r) std::memcpy(cp + r * p.ldc, tile + r * NR, cols * sizeof(float));
           }
           if (last) apply_epilogue(p.ep, res, m0 + ip, n0 + jp, rows, cols, cp, p.ldc);
