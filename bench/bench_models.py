@@ -106,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
             xt = torch.from_numpy(x)
 
-            def run_ours(x=x):
+            def run_ours(x=x, engine=engine):
                 return engine(x)
 
-            def run_ort(x=x):
+            def run_ort(x=x, sess=sess, feed=feed):
                 return sess.run(None, {feed: x})
 
-            def run_torch(xt=xt):
+            def run_torch(xt=xt, module=module):
                 with torch.inference_mode():
                     return module(xt)
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "date": dt.datetime.now().isoformat(timespec="seconds"),
                 "machine": f"{cpu_name()} ({os.cpu_count()} cpus)",
-                "version": f"cbir-engine {cbir_engine.__version__} {git_rev()}; onnxruntime {ort.__version__}; "
-                           f"torch {torch.__version__}",
+                "version": f"cbir-engine {cbir_engine.__version__} {git_rev()}; "
+                           f"onnxruntime {ort.__version__}; torch {torch.__version__}",
                 "model": name, "batch": batch, "threads": args.threads,
                 "ours_ms": round(med * 1e3, 2), "ort_ms": round(statistics.median(t_ort) * 1e3, 2),
                 "torch_ms": round(statistics.median(t_torch) * 1e3, 2) if t_torch else "",

@@ -253,7 +253,8 @@ class Lowering:
         method = "gemm"
         if group > 1 and group == C and K % C == 0:
             method = "depthwise"
-        elif (self.winograd and w_const is not None and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)
+        elif (self.winograd and w_const is not None
+              and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)
               and winograd_pays(C, K, y4[2], y4[3])):
             method = "winograd"
         from cbir_engine import _C

@@ -87,7 +87,8 @@ def save_plan(path: str | os.PathLike, graph: Graph, packed: dict[tuple[str, str
     packed_names = packed_only
     values = {}
     for name, v in graph.values.items():
-        entry: dict[str, Any] = {"dtype": v.dtype.str, "shape": list(v.shape) if v.shape is not None else None}
+        shape = list(v.shape) if v.shape is not None else None
+        entry: dict[str, Any] = {"dtype": v.dtype.str, "shape": shape}
         if v.const is not None:
             if name in packed_names:
                 entry["packed_only"] = True  # placeholder: the packed weight stands in for it

@@ -213,7 +213,8 @@ def test_gemm_relu_and_matmul_add_fuse() -> None:
              helper.make_node("Relu", ["g"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["m"]),
              helper.make_node("Add", ["m", "b2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(v, k) for k, v in
                                {"w": w, "b": b, "w2": w2, "b2": b2}.items()])

@@ -90,7 +90,8 @@ def test_maxpool(attrs: dict, shape: tuple) -> None:
 @pytest.mark.parametrize("attrs,shape", POOL_CASES)
 @pytest.mark.parametrize("count_include_pad", [0, 1])
 def test_avgpool(attrs: dict, shape: tuple, count_include_pad: int) -> None:
-    check("AveragePool", {"x": rand(*shape)}, attrs | {"count_include_pad": count_include_pad}, ref_impl="ort")
+    check("AveragePool", {"x": rand(*shape)}, attrs | {"count_include_pad": count_include_pad},
+          ref_impl="ort")
 
 
 def test_maxpool_dilations() -> None:
@@ -322,7 +323,8 @@ def test_winograd_conv3x3(case, fused: bool) -> None:
         inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(r.shape)))
         feeds["r"] = r
         out = "y"
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     wino = cbir_engine.load(model.SerializeToString())
