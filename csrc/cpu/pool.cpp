@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "cpu/ops.h"
 #include "cpu/simd.h"
@@ -12,107 +13,111 @@ namespace cbir::cpu {
 
 namespace {
 
-constexpr int kMaxRowBuffer = 4096;  // widths up to this use the vectorised path
+constexpr int kMaxRowBuffer = 4096;  // padded widths up to this use the buffered path
 
-// Pools one output row: first over the window's input rows (vectorised across the row, NaN
-// kept), then across each output's columns. `max` selects max pooling, else sums and the
-// caller divides.
-template <bool kMax>
-void pool_row(const Pool2dParams& p, const float* x, int oy, float* vrow) {
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int j = 0;
-  for (; j + 8 <= p.W; j += 8) _mm256_storeu_ps(vrow + j, kMax ? ninf : _mm256_setzero_ps());
-  for (; j < p.W; ++j) vrow[j] = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
-  for (int ky = 0; ky < p.KH; ++ky) {
-    const int iy = oy * p.SH - p.PT + ky * p.DH;
-    if (iy < 0 || iy >= p.H) continue;
-    const float* xr = x + int64_t(iy) * p.W;
-    j = 0;
-    for (; j + 8 <= p.W; j += 8) {
-      const __m256 v = _mm256_loadu_ps(xr + j), acc = _mm256_loadu_ps(vrow + j);
-      __m256 r;
-      if (kMax) {  // NaN wins: keep acc if it is NaN, else take v when v is NaN or larger
-        r = _mm256_max_ps(v, acc);
-        r = _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        r = _mm256_blendv_ps(r, acc, _mm256_cmp_ps(acc, acc, _CMP_UNORD_Q));
-      } else {
-        r = _mm256_add_ps(acc, v);
-      }
-      _mm256_storeu_ps(vrow + j, r);
-    }
-    for (; j < p.W; ++j) {
-      const float v = xr[j], acc = vrow[j];
-      vrow[j] = kMax ? ((acc != acc || v != v) ? (acc != acc ? acc : v) : (v > acc ? v : acc)) : acc + v;
-    }
-  }
+inline __m256 max_keep_nan(__m256 a, __m256 b) {  // NaN in either operand wins
+  __m256 r = _mm256_max_ps(a, b);
+  r = _mm256_blendv_ps(r, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  return _mm256_blendv_ps(r, b, _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+}
+inline float max_keep_nan(float a, float b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return a > b ? a : b;
 }
 
-// One output of a pooled row from the row already reduced over the window's rows.
-template <bool kMax>
-float window_col(const Pool2dParams& p, const float* vrow, int ox, int rows_pad, int rows_valid) {
-  float m = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
-  bool nan = false;
-  int cols_pad = 0, cols_valid = 0;
-  for (int kx = 0; kx < p.KW; ++kx) {
-    const int ix = ox * p.SW - p.PL + kx * p.DW;
-    cols_pad += (ix >= -p.PL && ix < p.W + p.PR);
-    if (ix < 0 || ix >= p.W) continue;
-    ++cols_valid;
-    const float v = vrow[ix];
-    if (kMax) {
-      nan |= v != v;
-      m = v > m ? v : m;
-    } else {
-      m += v;
-    }
-  }
-  if (kMax) return nan ? std::numeric_limits<float>::quiet_NaN() : m;
-  const int div = p.count_include_pad ? rows_pad * cols_pad : rows_valid * cols_valid;
-  return m / float(std::max(div, 1));
+// p[0], p[2], ..., p[14].
+inline __m256 load_even(const float* p) {
+  const __m256 even = _mm256_shuffle_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8), _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8));
 }
 
+// Pooling in two separable passes per output row: the window's input rows are combined into a
+// row buffer padded on both sides with the identity (0 or -inf), so the pass across columns
+// needs no bounds checks; stride-1 windows are vectorised across outputs.
 template <bool kMax>
 void run_pool(const Pool2dParams& p, Parallel& par) {
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
+  const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
+  // Averages divide by the window area inside the image (or the padded image): per column
+  // factor here, per row factor below.
+  std::vector<float> cols(size_t(p.OW));
+  for (int ox = 0; ox < p.OW; ++ox) {
+    int pad = 0, valid = 0;
+    for (int kx = 0; kx < p.KW; ++kx) {
+      const int ix = ox * p.SW - p.PL + kx * p.DW;
+      pad += (ix >= -p.PL && ix < p.W + p.PR);
+      valid += (ix >= 0 && ix < p.W);
+    }
+    cols[size_t(ox)] = float(p.count_include_pad ? pad : valid);
+  }
+  const int span = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1;  // buffer columns the windows read
   auto task = [&](int64_t t, int) {
     const float* x = p.x + t * in_plane;
     float* y = p.y + t * out_plane;
-    alignas(32) float vrow[kMaxRowBuffer];
+    alignas(32) float buf[kMaxRowBuffer + 8];
+    float* vrow = buf + p.PL;  // vrow[ix] for ix in [-PL, span - PL)
+    for (int j = 0; j < span; ++j) buf[j] = ident;
     for (int oy = 0; oy < p.OH; ++oy) {
-      pool_row<kMax>(p, x, oy, vrow);
-      int rows_pad = 0, rows_valid = 0;  // window rows inside the padded / the real image
+      int rows_pad = 0, rows_valid = 0;
+      bool first = true;
       for (int ky = 0; ky < p.KH; ++ky) {
         const int iy = oy * p.SH - p.PT + ky * p.DH;
         rows_pad += (iy >= -p.PT && iy < p.H + p.PB);
-        rows_valid += (iy >= 0 && iy < p.H);
+        if (iy < 0 || iy >= p.H) continue;
+        ++rows_valid;
+        const float* xr = x + int64_t(iy) * p.W;
+        int j = 0;
+        if (first) {
+          std::copy(xr, xr + p.W, vrow);
+          first = false;
+          continue;
+        }
+        for (; j + 8 <= p.W; j += 8) {
+          const __m256 v = _mm256_loadu_ps(xr + j), acc = _mm256_loadu_ps(vrow + j);
+          _mm256_storeu_ps(vrow + j, kMax ? max_keep_nan(acc, v) : _mm256_add_ps(acc, v));
+        }
+        for (; j < p.W; ++j) vrow[j] = kMax ? max_keep_nan(vrow[j], xr[j]) : vrow[j] + xr[j];
       }
+      if (first) std::fill(vrow, vrow + p.W, ident);  // no input row under the window
+      const float row_div = float(p.count_include_pad ? rows_pad : rows_valid);
       float* yr = y + int64_t(oy) * p.OW;
+      const float* src = buf;  // window of output ox starts at src[ox*SW]
       int ox = 0;
       if (p.SW == 1 && p.DW == 1) {
-        // Outputs whose whole window lies inside the row: vector over 8 outputs at a time.
-        const int lo = p.PL, hi = p.W - p.KW + 1 + p.PL;  // ox in [lo, hi) has ix in range
-        const int first = std::min(std::max(lo, 0), p.OW), last = std::max(first, std::min(hi, p.OW));
-        for (; ox < first; ++ox) yr[ox] = window_col<kMax>(p, vrow, ox, rows_pad, rows_valid);
-        const __m256 inv = _mm256_set1_ps(1.0f / float(std::max(1, (p.count_include_pad ? rows_pad : rows_valid) * p.KW)));
-        for (; ox + 8 <= last; ox += 8) {
-          const float* src = vrow + ox - p.PL;
-          __m256 m = _mm256_loadu_ps(src);
-          __m256 nan = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
+        for (; ox + 8 <= p.OW; ox += 8) {
+          __m256 m = _mm256_loadu_ps(src + ox);
           for (int kx = 1; kx < p.KW; ++kx) {
-            const __m256 v = _mm256_loadu_ps(src + kx);
-            if (kMax) {
-              nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-              m = _mm256_max_ps(v, m);
-            } else {
-              m = _mm256_add_ps(m, v);
-            }
+            const __m256 v = _mm256_loadu_ps(src + ox + kx);
+            m = kMax ? max_keep_nan(m, v) : _mm256_add_ps(m, v);
           }
-          if (kMax) m = _mm256_blendv_ps(m, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), nan);
-          else m = _mm256_mul_ps(m, inv);
+          if (!kMax) {
+            const __m256 div = _mm256_mul_ps(_mm256_set1_ps(row_div), _mm256_loadu_ps(cols.data() + ox));
+            m = _mm256_div_ps(m, _mm256_max_ps(div, _mm256_set1_ps(1.0f)));
+          }
           _mm256_storeu_ps(yr + ox, m);
         }
       }
-      for (; ox < p.OW; ++ox) yr[ox] = window_col<kMax>(p, vrow, ox, rows_pad, rows_valid);
+      if (p.SW == 2) {  // even elements of each tap's 16-float run give 8 outputs
+        for (; ox + 8 <= p.OW; ox += 8) {
+          __m256 m = load_even(src + 2 * ox);
+          for (int kx = 1; kx < p.KW; ++kx) {
+            const __m256 v = load_even(src + 2 * ox + kx * p.DW);
+            m = kMax ? max_keep_nan(m, v) : _mm256_add_ps(m, v);
+          }
+          if (!kMax) {
+            const __m256 div = _mm256_mul_ps(_mm256_set1_ps(row_div), _mm256_loadu_ps(cols.data() + ox));
+            m = _mm256_div_ps(m, _mm256_max_ps(div, _mm256_set1_ps(1.0f)));
+          }
+          _mm256_storeu_ps(yr + ox, m);
+        }
+      }
+      for (; ox < p.OW; ++ox) {
+        const float* w = src + int64_t(ox) * p.SW;
+        float m = w[0];
+        for (int kx = 1; kx < p.KW; ++kx) m = kMax ? max_keep_nan(m, w[kx * p.DW]) : m + w[kx * p.DW];
+        yr[ox] = kMax ? m : m / std::max(1.0f, row_div * cols[size_t(ox)]);
+      }
     }
   };
   par.run(int64_t(p.N) * p.C, task);
@@ -187,13 +192,19 @@ void avgpool_direct(const Pool2dParams& p, Parallel& par) {
 
 }  // namespace
 
+// Whether the padded row fits the stack buffer of run_pool.
+static bool buffered(const Pool2dParams& p) {
+  const int64_t span = int64_t(p.OW - 1) * p.SW + int64_t(p.KW - 1) * p.DW + 1;
+  return std::max<int64_t>(span, int64_t(p.PL) + p.W) <= kMaxRowBuffer;
+}
+
 void run_maxpool2d(const Pool2dParams& p, Parallel& par) {
-  if (p.W <= kMaxRowBuffer) run_pool<true>(p, par);
+  if (buffered(p)) run_pool<true>(p, par);
   else maxpool_direct(p, par);
 }
 
 void run_avgpool2d(const Pool2dParams& p, Parallel& par) {
-  if (p.W <= kMaxRowBuffer) run_pool<false>(p, par);
+  if (buffered(p)) run_pool<false>(p, par);
   else avgpool_direct(p, par);
 }
 
