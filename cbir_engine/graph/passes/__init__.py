@@ -10,6 +10,8 @@ from cbir_engine.graph.passes.dead_nodes import remove_dead_nodes
 from cbir_engine.graph.passes.decompose_batchnorm import decompose_batchnorm
 from cbir_engine.graph.passes.fold_batchnorm import fold_batchnorm
 from cbir_engine.graph.passes.fuse_activation import fuse_activation
+from cbir_engine.graph.passes.fuse_gem import fuse_gem
+from cbir_engine.graph.passes.fuse_netvlad import fuse_netvlad
 from cbir_engine.graph.passes.fuse_pad import fuse_pad_into_conv
 from cbir_engine.graph.passes.fuse_residual import fuse_residual
 from cbir_engine.graph.passes.matmul_to_gemm import matmul_add_to_gemm
@@ -19,7 +21,9 @@ from cbir_engine.graph.passes.remove_identity import remove_identity
 Pass = Callable[[Graph], bool]
 
 SIMPLIFY: list[Pass] = [propagate, remove_identity, remove_dead_nodes, fold_batchnorm]
-FUSE: list[Pass] = [fuse_pad_into_conv, matmul_add_to_gemm, fuse_residual, fuse_activation]
+# The head fusions run first: fuse_activation would otherwise take GeM's Clip into the trunk's last conv.
+FUSE: list[Pass] = [fuse_netvlad, fuse_gem, fuse_pad_into_conv, matmul_add_to_gemm, fuse_residual,
+                    fuse_activation]
 
 
 def run_to_fixpoint(g: Graph, passes: list[Pass], limit: int = 50) -> None:
