@@ -41,11 +41,51 @@ class Plan:
         return self.arena_bytes, list(self.constants), steps, inputs, outputs
 
 
+def place_concat_inputs(steps: list[PlanStep], protected: set[str]) -> dict[str, tuple[str, int]]:
+    """Lets producers write straight into a Concat's output instead of copying.
+
+    Applies where each input is a contiguous slice of the output (everything before the axis
+    has size 1, as at batch 1) and the Concat is the input's only reader. Returns, per placed
+    value, the buffer it lives in and its byte offset there; the copies disappear from the
+    concat steps (and steps with nothing left to copy are dropped from `steps`).
+    """
+    occurrences: dict[str, int] = {}
+    for step in steps:
+        for op in step.operands:
+            if op is not None and op.value is not None:
+                occurrences[op.value] = occurrences.get(op.value, 0) + 1
+    placed: dict[str, tuple[str, int]] = {}
+    kept: list[PlanStep] = []
+    for step in steps:
+        if step.kernel != "concat" or step.ints[0] != 1:
+            kept.append(step)
+            continue
+        *ins, out = step.operands
+        offset, copies = 0, []
+        for op, chunk in zip(ins, step.ints[1:], strict=True):
+            v = op.value if op is not None else None
+            # Two occurrences: written by its producer, read by this concat and nothing else.
+            if v is not None and v not in protected and v not in placed and occurrences.get(v) == 2 \
+                    and v != out.value and ins.count(op) == 1:  # type: ignore[union-attr]
+                placed[v] = (out.value, offset * 4)  # type: ignore[union-attr]
+                copies.append(None)
+            else:
+                copies.append(op)
+            offset += chunk
+        if any(c is not None for c in copies):
+            step.operands = [*copies, out]
+            kept.append(step)
+    steps[:] = kept
+    return placed
+
+
 def build_plan(g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset(),
                winograd: bool = True) -> Plan:
     """Lowers a specialised graph (every shape known) and plans its memory."""
     low = Lowering(g, packer, packed_only, winograd)
     low.run()
+    protected = {low.root(n) for n in g.outputs if not g.values[n].is_const} | set(g.inputs)
+    placed = place_concat_inputs(low.steps, protected)
     n_steps = len(low.steps)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -71,12 +111,29 @@ def build_plan(g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset
         first.setdefault(r, -1)
         last[r] = n_steps
         outputs.append((r, None))
+    def locate(v: str) -> tuple[str, int]:
+        delta = 0
+        while v in placed:
+            v, d = placed[v]
+            delta += d
+        return v, delta
+
+    # A placed value's steps count for the buffer it lives in.
+    for v in placed:
+        if v in first:
+            home, _ = locate(v)
+            first[home] = min(first.get(home, first[v]), first[v])
+            last[home] = max(last.get(home, last[v]), last[v])
+            del first[v], last[v]
     buffers = []
     for name, f in first.items():
         shape = g.values[name].shape
         nbytes = int(np.prod(shape, dtype=np.int64)) * g.values[name].dtype.itemsize  # type: ignore[arg-type]
         buffers.append(Buffer(name, nbytes, f, last[name]))
     offsets, arena = plan_offsets(buffers)
+    for v in placed:
+        home, delta = locate(v)
+        offsets[v] = offsets[home] + delta
     out_refs: list[tuple[int, tuple[int, ...]] | np.ndarray] = []
     for (root, const), name in zip(outputs, g.outputs, strict=True):
         if const is not None:
@@ -93,5 +150,6 @@ def build_plan(g: Graph, packer: Packer, packed_only: frozenset[str] = frozenset
         offsets=offsets,
         raw_constants=low.raw_constants,
         arena_bytes=arena,
-        intermediate_bytes=sum(b.nbytes for b in buffers),
+        intermediate_bytes=sum(b.nbytes for b in buffers)
+        + sum(int(np.prod(g.values[v].shape, dtype=np.int64)) * 4 for v in placed),  # type: ignore[arg-type]
     )

@@ -12,6 +12,7 @@ void run_concat(const ConcatParams& p, Parallel& par) {
   auto task = [&](int64_t t, int) {
     const int64_t o = t / p.count;
     const int i = int(t % p.count);
+    if (!p.inputs[i]) return;  // its producer wrote it in place
     int64_t off = 0;
     for (int k = 0; k < i; ++k) off += p.chunks[k];
     std::memcpy(p.y + o * total + off, p.inputs[i] + o * p.chunks[i], size_t(p.chunks[i]) * sizeof(float));

@@ -115,6 +115,7 @@ void run_lp_normalize(const LpNormParams& p, Parallel& par);
 
 // ---- layout ----
 // Concatenation along one axis: each input is [outer, chunk_i] and y is [outer, sum chunk_i].
+// A null input is skipped (its producer already wrote its slice of y).
 struct ConcatParams {
   int64_t outer = 0;
   int count = 0;

@@ -340,9 +340,9 @@ const KernelRegistrar kRegistered[] = {
          const size_t n = a.tensors() - 1;
          std::vector<const float*> in;
          std::vector<int64_t> chunks;
-         for (size_t k = 0; k < n; ++k) {
+         for (size_t k = 0; k < n; ++k) {  // an absent input was written in place already
            chunks.push_back(a.i());
-           in.push_back(a.need(k));
+           in.push_back(a.p(k));
          }
          return std::make_unique<ConcatStep>(outer, std::move(in), std::move(chunks), a.need(n));
        }},

@@ -224,3 +224,29 @@ def test_gemm_relu_and_matmul_add_fuse() -> None:
     assert engine.graph.nodes[0].attrs["activation"] == "Relu"
     x = rand(5, 32)
     assert rel_err(engine(x), reference(model, {"x": x})[0]) <= 1e-5
+
+
+def test_concat_inputs_written_in_place_at_batch_1() -> None:
+    """Inception-style branches: at batch 1 each branch writes its slice of the concat output
+    (no copy step); at batch 2 the slices are strided and the concat copies."""
+    c = 8
+    w1, w2, w3 = rand(4, c, 1, 1), rand(6, c, 3, 3), rand(5, c, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]),
+             helper.make_node("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p", "w3"], ["d"]),
+             helper.make_node("Concat", ["a", "b", "x", "d"], ["y"], axis=1)]  # x is a graph input
+    graph = helper.make_graph(nodes, "branches",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k)
+                               for k, v in {"w1": w1, "w2": w2, "w3": w3}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    engine = cbir_engine.load(model.SerializeToString())
+    one = engine.plan_for({"x": (1, c, 9, 9)})
+    concat = [s for s in one.steps if s.kernel == "concat"]
+    assert len(concat) == 1 and sum(o is not None for o in concat[0].operands[:-1]) == 1  # only x copied
+    assert [s.kernel for s in engine.plan_for({"x": (2, c, 9, 9)}).steps].count("concat") == 1
+    for batch in (1, 2):
+        x = rand(batch, c, 9, 9)
+        assert rel_err(engine(x), reference(model, {"x": x})[0]) <= 1e-5
