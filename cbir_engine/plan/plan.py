@@ -44,38 +44,54 @@ class Plan:
 def place_concat_inputs(steps: list[PlanStep], protected: set[str]) -> dict[str, tuple[str, int]]:
     """Lets producers write straight into a Concat's output instead of copying.
 
-    Applies where each input is a contiguous slice of the output (everything before the axis
-    has size 1, as at batch 1) and the Concat is the input's only reader. Returns, per placed
-    value, the buffer it lives in and its byte offset there; the copies disappear from the
-    concat steps (and steps with nothing left to copy are dropped from `steps`).
+    Applies where each input is a contiguous slice of the output (everything before the axis has
+    size 1, as at batch 1). Concats are visited last to first: a concat places its inputs in its
+    own buffer, and an earlier concat whose inputs already sit side by side in one buffer becomes
+    a view of it (DenseNet's growing concatenations, Inception's nested ones). Returns, per placed
+    value, the buffer it lives in and its byte offset there; copies that are no longer needed
+    leave the concat steps, and steps left with nothing to copy are dropped from `steps`.
     """
-    occurrences: dict[str, int] = {}
-    for step in steps:
-        for op in step.operands:
-            if op is not None and op.value is not None:
-                occurrences[op.value] = occurrences.get(op.value, 0) + 1
+    # Values written by a kernel step (a concat's own output is handled as a view or a buffer).
+    produced = {o for s in steps if s.kernel != "concat" for o in s.outputs if o}
     placed: dict[str, tuple[str, int]] = {}
-    kept: list[PlanStep] = []
-    for step in steps:
+
+    def locate(v: str) -> tuple[str, int]:
+        delta = 0
+        while v in placed:
+            v, d = placed[v]
+            delta += d
+        return v, delta
+
+    dropped: set[int] = set()
+    for idx in range(len(steps) - 1, -1, -1):
+        step = steps[idx]
         if step.kernel != "concat" or step.ints[0] != 1:
-            kept.append(step)
             continue
         *ins, out = step.operands
+        chunks = step.ints[1:]
+        values = [op.value if op is not None else None for op in ins]
+        # A view when the inputs already sit side by side in one buffer.
+        if all(v is not None and v in placed for v in values):
+            locs = [locate(v) for v in values]  # type: ignore[arg-type]
+            home, start = locs[0]
+            if all(h == home and o == start + 4 * sum(chunks[:j]) for j, (h, o) in enumerate(locs)):
+                if out.value not in protected and out.value not in placed:  # type: ignore[union-attr]
+                    placed[out.value] = (home, start)  # type: ignore[union-attr,index]
+                    dropped.add(idx)
+                    continue
         offset, copies = 0, []
-        for op, chunk in zip(ins, step.ints[1:], strict=True):
-            v = op.value if op is not None else None
-            # Two occurrences: written by its producer, read by this concat and nothing else.
-            if v is not None and v not in protected and v not in placed and occurrences.get(v) == 2 \
-                    and v != out.value and ins.count(op) == 1:  # type: ignore[union-attr]
+        for op, v, chunk in zip(ins, values, chunks, strict=True):
+            if (v is not None and v in produced and v not in protected and v not in placed
+                    and v != out.value and values.count(v) == 1):  # type: ignore[union-attr]
                 placed[v] = (out.value, offset * 4)  # type: ignore[union-attr]
                 copies.append(None)
             else:
                 copies.append(op)
             offset += chunk
-        if any(c is not None for c in copies):
-            step.operands = [*copies, out]
-            kept.append(step)
-    steps[:] = kept
+        step.operands = [*copies, out]
+        if all(c is None for c in copies):
+            dropped.add(idx)
+    steps[:] = [s for i, s in enumerate(steps) if i not in dropped]
     return placed
 
 
