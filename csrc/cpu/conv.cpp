@@ -37,6 +37,21 @@ void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, i
     }
     // All columns on one output row with stride 1 or 2: each k row is a (strided) run of x.
     const bool run = (g.SW == 1 || g.SW == 2) && cols == NR && iy0[0] == iy0[cols - 1];
+    // Otherwise: the maximal runs of columns that share an output row.
+    struct Segment {
+      int j0, len, iy, ix;
+    };
+    Segment seg[NR];
+    int nseg = 0;
+    if (!run) {
+      for (int j = 0; j < cols; ++j) {
+        if (nseg && seg[nseg - 1].iy == iy0[j]) {
+          ++seg[nseg - 1].len;
+        } else {
+          seg[nseg++] = Segment{j, 1, iy0[j], ix0[j]};
+        }
+      }
+    }
     int ch = k0 / khw, rem = k0 % khw, ky = rem / g.KW, kx = rem % g.KW;
     for (int k = 0; k < kc; ++k) {
       float* out = panel + int64_t(k) * NR;
@@ -67,12 +82,29 @@ void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, i
           }
         }
       } else {
-        int j = 0;
-        for (; j < cols; ++j) {
-          const int iy = iy0[j] + dy, ix = ix0[j] + dx;
-          out[j] = (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) ? xc[int64_t(iy) * g.W + ix] : 0.0f;
+        // The panel's columns span several output rows: copy each row's segment as a run.
+        for (int si = 0; si < nseg; ++si) {
+          const Segment& sg = seg[si];
+          const int iy = sg.iy + dy, ix = sg.ix + dx;
+          float* o = out + sg.j0;
+          if (iy < 0 || iy >= g.H) {
+            for (int j = 0; j < sg.len; ++j) o[j] = 0.0f;
+            continue;
+          }
+          const float* src = xc + int64_t(iy) * g.W;
+          if (ix >= 0 && ix + (sg.len - 1) * g.SW < g.W) {
+            if (g.SW == 1)
+              for (int j = 0; j < sg.len; ++j) o[j] = src[ix + j];
+            else
+              for (int j = 0; j < sg.len; ++j) o[j] = src[ix + j * g.SW];
+          } else {
+            for (int j = 0; j < sg.len; ++j) {
+              const int xx = ix + j * g.SW;
+              o[j] = (xx >= 0 && xx < g.W) ? src[xx] : 0.0f;
+            }
+          }
         }
-        for (; j < NR; ++j) out[j] = 0.0f;
+        for (int j = cols; j < NR; ++j) out[j] = 0.0f;
       }
       if (++kx == g.KW) {
         kx = 0;
