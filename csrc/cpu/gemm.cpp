@@ -31,7 +31,8 @@ struct TileEpilogue {
 
 // R x 16 register tile: C (+)= A_panel[kc x MR] * B_panel[kc x NR], rows < R untouched; with
 // kFused, the tile epilogue is applied in registers.
-template <int R, bool kFused>
+// kHalf: only the first 8 columns (the tail of a column block with <= 8 columns left).
+template <int R, bool kFused, bool kHalf = false>
 void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   int64_t ldc, bool accumulate, const TileEpilogue* ep) {
   __m256 acc0[R], acc1[R];
@@ -39,12 +40,12 @@ void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, 
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   for (int k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * NR);
-    const __m256 b1 = _mm256_loadu_ps(b + k * NR + 8);
+    const __m256 b1 = kHalf ? b0 : _mm256_loadu_ps(b + k * NR + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + k * MR + r);
       acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+      if (!kHalf) acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
     }
   }
 #pragma GCC unroll 6
@@ -52,7 +53,7 @@ void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, 
     float* row = c + r * ldc;
     if (accumulate) {
       acc0[r] = _mm256_add_ps(acc0[r], _mm256_loadu_ps(row));
-      acc1[r] = _mm256_add_ps(acc1[r], _mm256_loadu_ps(row + 8));
+      if (!kHalf) acc1[r] = _mm256_add_ps(acc1[r], _mm256_loadu_ps(row + 8));
     }
     if (kFused) {
       if (ep->row_bias) {
@@ -80,11 +81,14 @@ void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, 
       }
     }
     _mm256_storeu_ps(row, acc0[r]);
-    _mm256_storeu_ps(row + 8, acc1[r]);
+    if (!kHalf) _mm256_storeu_ps(row + 8, acc1[r]);
   }
 }
 
 using MicroFn = void (*)(int, const float*, const float*, float*, int64_t, bool, const TileEpilogue*);
+constexpr MicroFn kMicroHalf[MR + 1] = {
+    nullptr, micro_kernel<1, false, true>, micro_kernel<2, false, true>, micro_kernel<3, false, true>,
+    micro_kernel<4, false, true>, micro_kernel<5, false, true>, micro_kernel<6, false, true>};
 constexpr MicroFn kMicro[MR + 1] = {nullptr,
                                     micro_kernel<1, false>, micro_kernel<2, false>, micro_kernel<3, false>,
                                     micro_kernel<4, false>, micro_kernel<5, false>, micro_kernel<6, false>};
@@ -227,11 +231,16 @@ size_t packed_a_floats(int M, int K) { return size_t(ceil_div(M, MR)) * MR * siz
 size_t packed_b_floats(int K, int N) { return size_t(ceil_div(N, NR)) * NR * size_t(K); }
 
 void pack_a(const float* a, int64_t rs, int64_t cs, int M, int K, float* out) {
-  pack_a_block(a, rs, cs, 0, M, 0, K, out);
+  const int64_t mp = ceil_div(M, MR) * MR;
+  for (int k0 = 0; k0 < K; k0 += KC) pack_a_block(a, rs, cs, 0, M, k0, std::min(KC, K - k0), out + mp * k0);
 }
 
 void pack_b(const float* b, int64_t rs, int64_t cs, int K, int N, float* out) {
-  pack_b_block(b, rs, cs, 0, K, 0, N, out, int64_t(K) * NR);
+  const int64_t np = ceil_div(N, NR) * NR;
+  for (int k0 = 0; k0 < K; k0 += KC) {
+    const int kc = std::min(KC, K - k0);
+    pack_b_block(b, rs, cs, k0, kc, 0, N, out + np * k0, int64_t(kc) * NR);
+  }
 }
 
 size_t gemm_workspace_floats(const GemmParams& p, int threads) {
@@ -260,12 +269,12 @@ void run_gemm(const GemmParams& params, Parallel& par) {
       const int64_t kb = t % k_blocks, q = (t / k_blocks) % n_panels, bt = t / (k_blocks * n_panels);
       const int k0 = int(kb * KC), kc = std::min(KC, params.K - k0), n0 = int(q * NR);
       const int nc = std::min(NR, params.N - n0);
-      float* dst = params.workspace + bt * per_batch + q * int64_t(params.K) * NR + int64_t(k0) * NR;
+      float* dst = params.workspace + bt * per_batch + n_panels * NR * k0 + q * int64_t(kc) * NR;
       if (params.pack_b_fn)
-        params.pack_b_fn(params.pack_b_ctx, bt, k0, kc, n0, nc, dst, int64_t(params.K) * NR);
+        params.pack_b_fn(params.pack_b_ctx, bt, k0, kc, n0, nc, dst, int64_t(kc) * NR);
       else
         pack_b_block(params.b + bt * params.b_bs, params.b_rs, params.b_cs, k0, kc, n0, nc, dst,
-                     int64_t(params.K) * NR);
+                     int64_t(kc) * NR);
     };
     par.run(params.batch * n_panels * k_blocks, pack_task);
     prepacked = params;
@@ -301,8 +310,8 @@ void run_gemm(const GemmParams& params, Parallel& par) {
       const float* bblk;
       int64_t bstride;
       if (p.b_packed) {
-        bblk = p.b_packed + bt * p.b_packed_bs + int64_t(n0 / NR) * p.K * NR + int64_t(k0) * NR;
-        bstride = int64_t(p.K) * NR;
+        bblk = p.b_packed + bt * p.b_packed_bs + ceil_div(p.N, NR) * NR * k0 + int64_t(n0 / NR) * kc * NR;
+        bstride = int64_t(kc) * NR;
       } else {
         if (p.pack_b_fn)
           p.pack_b_fn(p.pack_b_ctx, bt, k0, kc, n0, nc, bbuf, int64_t(kc) * NR);
@@ -314,8 +323,8 @@ void run_gemm(const GemmParams& params, Parallel& par) {
       const float* ablk;
       int64_t astride;
       if (p.a_packed) {
-        ablk = p.a_packed + bt * p.a_packed_bs + int64_t(m0 / MR) * p.K * MR + int64_t(k0) * MR;
-        astride = int64_t(p.K) * MR;
+        ablk = p.a_packed + bt * p.a_packed_bs + ceil_div(p.M, MR) * MR * k0 + int64_t(m0 / MR) * kc * MR;
+        astride = int64_t(kc) * MR;
       } else {
         pack_a_block(p.a + bt * p.a_bs, p.a_rs, p.a_cs, m0, mc, k0, kc, abuf);
         ablk = abuf;
@@ -347,7 +356,7 @@ void run_gemm(const GemmParams& params, Parallel& par) {
           } else {
             if (accumulate)
               for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));
-            kMicro[rows](kc, ap, bp, tile, NR, accumulate, nullptr);
+            (cols <= 8 ? kMicroHalf : kMicro)[rows](kc, ap, bp, tile, NR, accumulate, nullptr);
             for (int r = 0; r < rows; ++r) std::memcpy(cp + r * p.ldc, tile + r * NR, cols * sizeof(float));
           }
           if (last) apply_epilogue(p.ep, res, m0 + ip, n0 + jp, rows, cols, cp, p.ldc);

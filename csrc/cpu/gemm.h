@@ -1,9 +1,11 @@
 // Single-precision GEMM with packed operands and a fused epilogue, the workhorse behind Conv,
 // Gemm and MatMul. C[M,N] = act(alpha * A[M,K] @ B[K,N] + bias + beta * residual).
 //
-// Packed layouts (both zero-padded to whole panels):
-//   A: ceil(M/MR) panels, each K x MR floats, element (i, k) at panel(i/MR)[k*MR + i%MR]
-//   B: ceil(N/NR) panels, each K x NR floats, element (k, j) at panel(j/NR)[k*NR + j%NR]
+// Packed layouts (zero-padded to whole panels), blocked by KC rows of K so that what one K block
+// of the product reads is one contiguous stretch (streams well when weights come from memory):
+//   A: for each K block [k0, k0+kc): ceil(M/MR) panels of kc x MR floats, starting at
+//      Mp*MR*k0 (Mp = ceil(M/MR)); element (i, k) at block(k0) + (i/MR)*kc*MR + (k-k0)*MR + i%MR
+//   B: likewise with NR-column panels: block(k0) = Np*NR*k0, panel q at q*kc*NR inside it
 // Weights are packed once at load time; activations are packed block by block into the
 // per-thread scratch, so the hot path allocates nothing.
 #pragma once

@@ -249,8 +249,10 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
       V8 dv[A6][A6], v[XI];
       for (int i = 0; i < A6; ++i) transpose8x6(rows[i], dv[i]);
       input_transform8(dv, v);
-      // Tiles g*8 .. g*8+7 sit in panel (g*8)/16 at lane offset (g*8)%16.
-      float* out = V + (g * 8 / NR) * int64_t(p.C) * NR + int64_t(c) * NR + (g * 8) % NR;
+      // Tiles g*8 .. g*8+7 sit in panel (g*8)/16 at lane offset (g*8)%16, inside the K block
+      // of channel c (packed-B layout, see gemm.h).
+      const int k0 = c / kGemmKC * kGemmKC, kc = std::min(kGemmKC, p.C - k0);
+      float* out = V + padded * k0 + (g * 8 / NR) * int64_t(kc) * NR + int64_t(c - k0) * NR + (g * 8) % NR;
       for (int xi = 0; xi < XI; ++xi) _mm256_storeu_ps(out + xi * xi_stride, v[xi]);
     };
     par.run(int64_t(p.C) * groups, in_task);
