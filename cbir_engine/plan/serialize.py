@@ -31,7 +31,7 @@ from cbir_engine.fileio import atomic_write
 from cbir_engine.graph.ir import Graph, Node, Value
 
 MAGIC = b"CBIRPLAN"
-VERSION = 2
+VERSION = 3  # bumped whenever the packed weight layouts change
 CHUNK = 8 << 20
 HEADER = struct.Struct("<8sIIQQII")  # magic, version, reserved, meta len, data len, meta crc, data crc
 HEADER_BYTES = 64
