@@ -20,6 +20,7 @@ from cbir_engine.errors import (
     ShapeError,
     UnsupportedOpError,
 )
+from cbir_engine.index import HammingIndex, pack_bits, unpack_bits
 from cbir_engine.runtime import Engine
 
 __version__ = "0.1.0"
@@ -78,7 +79,7 @@ def from_torch(module: Any, example_input: Any, **kwargs: Any) -> Engine:
 
 
 __all__ = [
-    "CbirError", "DTypeError", "Engine", "IndexFileError", "ModelFormatError", "NonFiniteError",
-    "PlanFileError", "ShapeError", "UnsupportedOpError", "from_torch", "load", "supported_ops",
-    "__version__",
+    "CbirError", "DTypeError", "Engine", "HammingIndex", "IndexFileError", "ModelFormatError",
+    "NonFiniteError", "PlanFileError", "ShapeError", "UnsupportedOpError", "from_torch", "load",
+    "pack_bits", "supported_ops", "unpack_bits", "__version__",
 ]
