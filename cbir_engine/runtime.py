@@ -195,7 +195,23 @@ class Engine:
                 plan = self.plan_for(dict(zip(self.graph.inputs, key, strict=True)))
                 hit = (plan, self._executor(plan))
                 self._plans[key] = hit
+                self._release_packed_sources(plan)
         return hit
+
+    def _release_packed_sources(self, plan: Plan) -> None:
+        """Drops the raw copy of weights the kernels read only prepacked (halving the memory of
+        FC-heavy models). Kernel choices depend on the spatial dims, so this is done only when
+        every input dim but the batch is fixed: no later shape can ask for another packing."""
+        if not all(s is not None and all(isinstance(d, int) for d in s[1:])
+                   for s in self.input_shapes.values()):
+            return
+        packed_names = {name for name, _ in self._packed}
+        release = packed_names - plan.raw_constants - self._packed_only
+        for name in release:
+            v = self.graph.values.get(name)
+            if v is not None and v.const is not None:
+                v.const = np.broadcast_to(np.zeros((), v.const.dtype), v.const.shape)
+        self._packed_only = self._packed_only | frozenset(release)
 
     def _executor(self, plan: Plan) -> Any:
         from cbir_engine import _C
