@@ -57,7 +57,8 @@ class HammingIndex:
         threads: CPU threads this index owns (None: every CPU this process may use).
         device: "cpu", or "cuda" / "cuda:N" to search on an NVIDIA GPU (needs torch with CUDA and
             triton, or nvcc for `gpu_backend="cuda"`); the codes stay on the CPU too.
-        mih_substrings: substrings for multi-index hashing (None: about bits / log2(n)).
+        mih_substrings: substrings for multi-index hashing (None: substrings of about
+            log2(n) - 7 bits, so that a bucket holds about 128 codes).
         gpu_backend: "triton" (default) or "cuda" (the CUDA C++ kernel, built with nvcc on first
             use).
 
