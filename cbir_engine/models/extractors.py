@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cbir_engine.models.zoo import build
+from cbir_engine.models.zoo import SEED_NETWORKS, ZOO_ADDITIONS, build
 
 
 class _ForwardFeatures(nn.Module):
@@ -46,6 +46,8 @@ def trunk_of(name: str, module: nn.Module) -> nn.Module:
                                   "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
                                   "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
                                   "Mixed_7a", "Mixed_7b", "Mixed_7c"])
+    if name in ZOO_ADDITIONS:
+        return module if ZOO_ADDITIONS[name].arch.startswith("small") else module.features  # type: ignore[return-value]
     if name == "densenet121":
         return _ReluAfter(*module.features.children())  # type: ignore[union-attr]
     if hasattr(module, "forward_features"):
@@ -58,8 +60,9 @@ def trunk(name: str, seed: int = 0) -> tuple[nn.Module, int, int]:
     zoo addition (see `cbir_engine.models.build`)."""
     module, size = build(name, seed)
     t = trunk_of(name, module).eval()
+    chans = (SEED_NETWORKS.get(name) or ZOO_ADDITIONS[name]).in_chans
     with torch.no_grad():
-        c = int(t(torch.zeros(1, 3, size, size)).shape[1])
+        c = int(t(torch.zeros(1, chans, size, size)).shape[1])
     return t, size, c
 
 

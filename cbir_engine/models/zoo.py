@@ -19,6 +19,7 @@ class SeedNetwork:
     arch: str
     input_size: int
     kwargs: tuple[tuple[str, Any], ...] = ()
+    in_chans: int = 3
 
 
 SEED_NETWORKS: dict[str, SeedNetwork] = {
@@ -42,6 +43,38 @@ SEED_NETWORKS: dict[str, SeedNetwork] = {
 }
 
 
+# Networks defined in this package (cbir_engine/models): BN-Inception and SE-BN-Inception (not in
+# torchvision or timm), DenseNet-BC in its small-image configurations, and the small 28x28 nets.
+ZOO_ADDITIONS: dict[str, SeedNetwork] = {
+    n.name: n
+    for n in [
+        SeedNetwork("bn_inception", "cbir", "bn_inception", 224),
+        SeedNetwork("se_bn_inception", "cbir", "bn_inception", 224, (("se", True),)),
+        SeedNetwork("densenet_bc_40_12", "cbir", "densenet_bc", 32, (("depth", 40), ("growth", 12))),
+        SeedNetwork("densenet_bc_100_24", "cbir", "densenet_bc", 32, (("depth", 100), ("growth", 24))),
+        SeedNetwork("densenet_bc_40_12_28px", "cbir", "densenet_bc", 28,
+                    (("depth", 40), ("growth", 12), ("in_chans", 1)), in_chans=1),
+        SeedNetwork("small_cnn", "cbir", "small_cnn", 28, (), in_chans=1),
+        SeedNetwork("small_resnet", "cbir", "small_resnet", 28, (), in_chans=1),
+    ]
+}
+
+
+def _build_own(spec: SeedNetwork) -> Any:
+    kwargs = dict(spec.kwargs)
+    if spec.arch == "bn_inception":
+        from cbir_engine.models.inception_bn import BNInception
+
+        return BNInception(**kwargs)
+    if spec.arch == "densenet_bc":
+        from cbir_engine.models.densenet_bc import DenseNetBC
+
+        return DenseNetBC(**kwargs)
+    from cbir_engine.models.small import SmallCNN, SmallResNet
+
+    return {"small_cnn": SmallCNN, "small_resnet": SmallResNet}[spec.arch](**kwargs)
+
+
 def randomize_batchnorm(module: Any, seed: int = 0) -> Any:
     """Gives every BatchNorm random affine parameters and running statistics (kept moderate so
     deep networks stay finite)."""
@@ -61,12 +94,13 @@ def randomize_batchnorm(module: Any, seed: int = 0) -> Any:
 
 
 def build(name: str, seed: int = 0) -> tuple[Any, int]:
-    """(module in eval mode with seeded random weights, input size) of a seed network."""
+    """(module in eval mode with seeded random weights, input size) of a seed network or of a
+    zoo addition (`ZOO_ADDITIONS`; its input channels are `ZOO_ADDITIONS[name].in_chans`)."""
     import torch
 
-    spec = SEED_NETWORKS.get(name)
+    spec = SEED_NETWORKS.get(name) or ZOO_ADDITIONS.get(name)
     if spec is None:
-        raise KeyError(f"unknown seed network {name!r}; known: {', '.join(SEED_NETWORKS)}")
+        raise KeyError(f"unknown seed network {name!r}; known: {', '.join([*SEED_NETWORKS, *ZOO_ADDITIONS])}")
     torch.manual_seed(seed)
     ctor: Callable[..., Any]
     if spec.source == "torchvision":
@@ -74,6 +108,8 @@ def build(name: str, seed: int = 0) -> tuple[Any, int]:
 
         ctor = getattr(torchvision.models, spec.arch)
         module = ctor(weights=None, **dict(spec.kwargs))
+    elif spec.source == "cbir":
+        module = _build_own(spec)
     else:
         import timm
 

@@ -36,7 +36,9 @@ class MAC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_map(x)
-        return torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
+        # amax, not adaptive_max_pool2d: the exporter turns the latter into a MaxPool with the
+        # kernel fixed to the traced size, wrong for other input sizes.
+        return torch.amax(x, dim=(2, 3))
 
 
 class SPoC(nn.Module):
@@ -44,7 +46,7 @@ class SPoC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_map(x)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return torch.mean(x, dim=(2, 3))
 
 
 class GeM(nn.Module):

@@ -124,7 +124,7 @@ def test_itq_lowers_quantisation_error():
     x /= 4 * np.abs(x).std()  # projections of order 1, where the rotation matters against the +-1 corners
     errors = [ITQ(16, iters=it, seed=0).fit(x).quantization_error(x) for it in (0, 5, 20, 50)]
     # each Procrustes step cannot raise ||B - VR||; 50 steps gain about 4.5% on this data
-    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False))
     assert errors[-1] < errors[0] * 0.97
     with pytest.raises(ShapeError):
         ITQ(64).fit(x)
