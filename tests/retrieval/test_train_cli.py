@@ -28,7 +28,9 @@ def test_cli_trains_exports_and_evaluates(tmp_path, capsys):
 
 
 def test_trained_codes_beat_chance_and_match_torch():
-    x, y = mnist5k()
+    x, y = mnist5k()  # sorted by class: draw a mixed sample
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order]
     net, log = train_hashing("cnnh+", x[:1000], y[:1000], 16, epochs=2, progress=False)
     assert isinstance(net, HashNet) and log.losses[-1] < log.losses[0]
     module = net.export_module(binarize=True)
