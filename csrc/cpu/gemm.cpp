@@ -14,6 +14,7 @@ constexpr int MR = kGemmMR;
 constexpr int NR = kGemmNR;
 constexpr int KC = kGemmKC;
 constexpr int NC = 128;  // columns per task: a KC x NC packed B block is 128 KiB
+constexpr int MC = 384;  // rows per A block: MC x KC floats (384 KiB) stay in L2
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -253,7 +254,7 @@ size_t gemm_scratch_floats(const GemmParams& p, int threads) {
   Blocking bl = choose_blocking(p, threads);
   size_t need = size_t(MR) * NR;  // edge tile
   if (!p.b_packed) need += size_t(KC) * bl.nc;
-  if (!p.a_packed) need += size_t(KC) * bl.mc;
+  if (!p.a_packed) need += size_t(KC) * std::min(bl.mc, MC);
   return need;
 }
 
@@ -320,46 +321,49 @@ void run_gemm(const GemmParams& params, Parallel& par) {
         bblk = bbuf;
         bstride = int64_t(kc) * NR;
       }
-      const float* ablk;
-      int64_t astride;
-      if (p.a_packed) {
-        ablk = p.a_packed + bt * p.a_packed_bs + ceil_div(p.M, MR) * MR * k0 + int64_t(m0 / MR) * kc * MR;
-        astride = int64_t(kc) * MR;
-      } else {
-        pack_a_block(p.a + bt * p.a_bs, p.a_rs, p.a_cs, m0, mc, k0, kc, abuf);
-        ablk = abuf;
-        astride = int64_t(kc) * MR;
-      }
-      for (int jp = 0; jp < nc; jp += NR) {
-        const int cols = std::min(NR, nc - jp);
-        const float* bp = bblk + int64_t(jp / NR) * bstride;
-        for (int ip = 0; ip < mc; ip += MR) {
-          const int rows = std::min(MR, mc - ip);
-          const float* ap = ablk + int64_t(ip / MR) * astride;
-          float* cp = cbase + int64_t(m0 + ip) * p.ldc + n0 + jp;
-          if (cols == NR && last && fused) {
-            TileEpilogue te;
-            const int i0 = m0 + ip, j0 = n0 + jp;
-            te.row_bias = (p.ep.bias && p.ep.bias_per_row) ? p.ep.bias + i0 : nullptr;
-            te.col_bias = (p.ep.bias && !p.ep.bias_per_row) ? p.ep.bias + j0 : nullptr;
-            te.res = res ? res + int64_t(i0) * p.ep.res_rs + j0 : nullptr;
-            te.res_rs = p.ep.res_rs;
-            te.beta = p.ep.beta;
-            te.relu = p.ep.act == Act::Relu;
-            te.clip = p.ep.act == Act::Clip;
-            te.lo = p.ep.act_a, te.hi = p.ep.act_b;
-            kMicroFused[rows](kc, ap, bp, cp, p.ldc, accumulate, &te);
-            continue;
+      // Rows in sub-blocks of at most MC so the A block (MC x kc) stays in L2 while the B
+      // micro-panels stream past it; the B block is packed once for all sub-blocks.
+      for (int ms = 0; ms < mc; ms += MC) {
+        const int m1 = m0 + ms, msc = std::min(MC, mc - ms);
+        const float* ablk;
+        int64_t astride = int64_t(kc) * MR;
+        if (p.a_packed) {
+          ablk = p.a_packed + bt * p.a_packed_bs + ceil_div(p.M, MR) * MR * k0 + int64_t(m1 / MR) * kc * MR;
+        } else {
+          pack_a_block(p.a + bt * p.a_bs, p.a_rs, p.a_cs, m1, msc, k0, kc, abuf);
+          ablk = abuf;
+        }
+        for (int jp = 0; jp < nc; jp += NR) {
+          const int cols = std::min(NR, nc - jp);
+          const float* bp = bblk + int64_t(jp / NR) * bstride;
+          for (int ip = 0; ip < msc; ip += MR) {
+            const int rows = std::min(MR, msc - ip);
+            const float* ap = ablk + int64_t(ip / MR) * astride;
+            const int i0 = m1 + ip, j0 = n0 + jp;
+            float* cp = cbase + int64_t(i0) * p.ldc + j0;
+            if (cols == NR && last && fused) {
+              TileEpilogue te;
+              te.row_bias = (p.ep.bias && p.ep.bias_per_row) ? p.ep.bias + i0 : nullptr;
+              te.col_bias = (p.ep.bias && !p.ep.bias_per_row) ? p.ep.bias + j0 : nullptr;
+              te.res = res ? res + int64_t(i0) * p.ep.res_rs + j0 : nullptr;
+              te.res_rs = p.ep.res_rs;
+              te.beta = p.ep.beta;
+              te.relu = p.ep.act == Act::Relu;
+              te.clip = p.ep.act == Act::Clip;
+              te.lo = p.ep.act_a, te.hi = p.ep.act_b;
+              kMicroFused[rows](kc, ap, bp, cp, p.ldc, accumulate, &te);
+              continue;
+            }
+            if (cols == NR) {
+              kMicro[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
+            } else {
+              if (accumulate)
+                for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));
+              (cols <= 8 ? kMicroHalf : kMicro)[rows](kc, ap, bp, tile, NR, accumulate, nullptr);
+              for (int r = 0; r < rows; ++r) std::memcpy(cp + r * p.ldc, tile + r * NR, cols * sizeof(float));
+            }
+            if (last) apply_epilogue(p.ep, res, i0, j0, rows, cols, cp, p.ldc);
           }
-          if (cols == NR) {
-            kMicro[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
-          } else {
-            if (accumulate)
-              for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));
-            (cols <= 8 ? kMicroHalf : kMicro)[rows](kc, ap, bp, tile, NR, accumulate, nullptr);
-            for (int r = 0; r < rows; ++r) std::memcpy(cp + r * p.ldc, tile + r * NR, cols * sizeof(float));
-          }
-          if (last) apply_epilogue(p.ep, res, m0 + ip, n0 + jp, rows, cols, cp, p.ldc);
         }
       }
     }
