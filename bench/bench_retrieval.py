@@ -312,7 +312,10 @@ def render(fashion: dict | None, photos: dict | None, meta: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{row[str(b)]['map_all']:.4f}" for b in BITS) + " |")
         lines += [
             "",
-            "Float descriptors (cosine similarity) on the same split:",
+            "Float descriptors (cosine similarity) on the same split. The PCA-whitening is fitted "
+            "on the training part's GeM features (64 of 128 components); equalising the variance of "
+            "all kept components amplifies directions the classifier left as noise, which costs "
+            "class-level retrieval here (it is meant for instance matching):",
             "",
             "| descriptor | mAP@all | mAP@1000 | recall@1000 |",
             "|---|---:|---:|---:|",
@@ -363,7 +366,8 @@ def render(fashion: dict | None, photos: dict | None, meta: dict) -> str:
             f"{p['n_queries']} queries, transformed copies (mild / strong: scale x0.75,1.25 / "
             "x0.5,1.6; rotation +-5 / +-25 degrees; crop keeping 90% / 60% of each side; "
             "brightness x0.8,1.2 / x0.5,1.6). Every image is standardised (per-image mean and std) "
-            "and resized to a longer side of 256 px before the CNN. Trunk: ResNet-18 with seeded "
+            "and resized to a longer side of 256 px before the CNN, so the scale transform tests "
+            "resampling, not the network's scale invariance. Trunk: ResNet-18 with seeded "
             "random weights (no ImageNet weights ship offline). Queries per column: "
             + ", ".join(f"{k} {n}" for k, n in p["counts"].items())
             + ".",
