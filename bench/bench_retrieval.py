@@ -313,9 +313,9 @@ def render(fashion: dict | None, photos: dict | None, meta: dict) -> str:
         lines += [
             "",
             "Float descriptors (cosine similarity) on the same split. The PCA-whitening is fitted "
-            "on the training part's GeM features (64 of 128 components); equalising the variance of "
-            "all kept components amplifies directions the classifier left as noise, which costs "
-            "class-level retrieval here (it is meant for instance matching):",
+            "on the training part's GeM features (64 of 128 components, unsupervised); it lowers "
+            "class-level mAP here (our guess: equal weight for low-variance directions; not measured "
+            "further):",
             "",
             "| descriptor | mAP@all | mAP@1000 | recall@1000 |",
             "|---|---:|---:|---:|",
