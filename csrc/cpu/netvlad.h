@@ -22,7 +22,7 @@ struct NetVladParams {
   const float* c = nullptr;
   float* y = nullptr;
 };
-// Per-thread scratch floats: xn [D * HW], a [K * HW], norms [HW].
+// Per-thread scratch floats: xn [D * HW], its transpose [HW * D], a [K * HW], norms [HW].
 size_t netvlad_scratch_floats(const NetVladParams& p);
 void run_netvlad(const NetVladParams& p, Parallel& par);
 
