@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "cpu/ops.h"
 #include "cpu/simd.h"
@@ -40,24 +39,41 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
   // Averages divide by the window area inside the image (or the padded image): per column
-  // factor here, per row factor below.
-  std::vector<float> cols(size_t(p.OW));
-  for (int ox = 0; ox < p.OW; ++ox) {
+  // factor here (padded by 8 so a masked last vector may read it), per row factor below.
+  alignas(32) float cols[kMaxRowBuffer + 8];
+  for (int ox = 0; ox < p.OW + 8; ++ox) {
     int pad = 0, valid = 0;
-    for (int kx = 0; kx < p.KW; ++kx) {
+    for (int kx = 0; kx < p.KW && ox < p.OW; ++kx) {
       const int ix = ox * p.SW - p.PL + kx * p.DW;
       pad += (ix >= -p.PL && ix < p.W + p.PR);
       valid += (ix >= 0 && ix < p.W);
     }
-    cols[size_t(ox)] = float(p.count_include_pad ? pad : valid);
+    cols[ox] = float(p.count_include_pad ? pad : valid);
   }
   const int span = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1;  // buffer columns the windows read
+  // 8 outputs at a time across the row (the last group masked): taps of output ox start at
+  // src[ox*SW]; stride 2 takes the even elements of 16-float runs.
+  auto pool_vec = [&](const float* src, int ox, float row_div) {
+    __m256 m = p.SW == 1 ? _mm256_loadu_ps(src + ox) : load_even(src + 2 * ox);
+    for (int kx = 1; kx < p.KW; ++kx) {
+      const float* t = src + int64_t(ox) * p.SW + kx * p.DW;
+      const __m256 v = p.SW == 1 ? _mm256_loadu_ps(t) : load_even(t);
+      m = kMax ? max_keep_nan(m, v) : _mm256_add_ps(m, v);
+    }
+    if (!kMax) {
+      const __m256 div = _mm256_mul_ps(_mm256_set1_ps(row_div), _mm256_loadu_ps(cols + ox));
+      m = _mm256_div_ps(m, _mm256_max_ps(div, _mm256_set1_ps(1.0f)));
+    }
+    return m;
+  };
+  const bool vectorised = (p.SW == 1 || p.SW == 2) && (p.SW == 1 ? p.DW == 1 : true);
   auto task = [&](int64_t t, int) {
     const float* x = p.x + t * in_plane;
     float* y = p.y + t * out_plane;
-    alignas(32) float buf[kMaxRowBuffer + 8];
+    // Slack of 32 past the span: the masked last vector reads (never uses) up to 2*7+16 further.
+    alignas(32) float buf[kMaxRowBuffer + 32];
     float* vrow = buf + p.PL;  // vrow[ix] for ix in [-PL, span - PL)
-    for (int j = 0; j < span; ++j) buf[j] = ident;
+    std::fill(buf, buf + span + 32, ident);
     for (int oy = 0; oy < p.OH; ++oy) {
       int rows_pad = 0, rows_valid = 0;
       bool first = true;
@@ -67,12 +83,12 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
         if (iy < 0 || iy >= p.H) continue;
         ++rows_valid;
         const float* xr = x + int64_t(iy) * p.W;
-        int j = 0;
         if (first) {
           std::copy(xr, xr + p.W, vrow);
           first = false;
           continue;
         }
+        int j = 0;
         for (; j + 8 <= p.W; j += 8) {
           const __m256 v = _mm256_loadu_ps(xr + j), acc = _mm256_loadu_ps(vrow + j);
           _mm256_storeu_ps(vrow + j, kMax ? max_keep_nan(acc, v) : _mm256_add_ps(acc, v));
@@ -82,41 +98,19 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
       if (first) std::fill(vrow, vrow + p.W, ident);  // no input row under the window
       const float row_div = float(p.count_include_pad ? rows_pad : rows_valid);
       float* yr = y + int64_t(oy) * p.OW;
-      const float* src = buf;  // window of output ox starts at src[ox*SW]
       int ox = 0;
-      if (p.SW == 1 && p.DW == 1) {
-        for (; ox + 8 <= p.OW; ox += 8) {
-          __m256 m = _mm256_loadu_ps(src + ox);
-          for (int kx = 1; kx < p.KW; ++kx) {
-            const __m256 v = _mm256_loadu_ps(src + ox + kx);
-            m = kMax ? max_keep_nan(m, v) : _mm256_add_ps(m, v);
-          }
-          if (!kMax) {
-            const __m256 div = _mm256_mul_ps(_mm256_set1_ps(row_div), _mm256_loadu_ps(cols.data() + ox));
-            m = _mm256_div_ps(m, _mm256_max_ps(div, _mm256_set1_ps(1.0f)));
-          }
-          _mm256_storeu_ps(yr + ox, m);
-        }
-      }
-      if (p.SW == 2) {  // even elements of each tap's 16-float run give 8 outputs
-        for (; ox + 8 <= p.OW; ox += 8) {
-          __m256 m = load_even(src + 2 * ox);
-          for (int kx = 1; kx < p.KW; ++kx) {
-            const __m256 v = load_even(src + 2 * ox + kx * p.DW);
-            m = kMax ? max_keep_nan(m, v) : _mm256_add_ps(m, v);
-          }
-          if (!kMax) {
-            const __m256 div = _mm256_mul_ps(_mm256_set1_ps(row_div), _mm256_loadu_ps(cols.data() + ox));
-            m = _mm256_div_ps(m, _mm256_max_ps(div, _mm256_set1_ps(1.0f)));
-          }
-          _mm256_storeu_ps(yr + ox, m);
+      if (vectorised) {
+        for (; ox + 8 <= p.OW; ox += 8) _mm256_storeu_ps(yr + ox, pool_vec(buf, ox, row_div));
+        if (ox < p.OW) {
+          _mm256_maskstore_ps(yr + ox, simd::tail_mask(p.OW - ox), pool_vec(buf, ox, row_div));
+          ox = p.OW;
         }
       }
       for (; ox < p.OW; ++ox) {
-        const float* w = src + int64_t(ox) * p.SW;
+        const float* w = buf + int64_t(ox) * p.SW;
         float m = w[0];
         for (int kx = 1; kx < p.KW; ++kx) m = kMax ? max_keep_nan(m, w[kx * p.DW]) : m + w[kx * p.DW];
-        yr[ox] = kMax ? m : m / std::max(1.0f, row_div * cols[size_t(ox)]);
+        yr[ox] = kMax ? m : m / std::max(1.0f, row_div * cols[ox]);
       }
     }
   };
