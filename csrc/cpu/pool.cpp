@@ -67,6 +67,7 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
     return m;
   };
   const bool vectorised = (p.SW == 1 || p.SW == 2) && (p.SW == 1 ? p.DW == 1 : true);
+  const __m256 identv = _mm256_set1_ps(ident);
   auto task = [&](int64_t t, int) {
     const float* x = p.x + t * in_plane;
     float* y = p.y + t * out_plane;
@@ -83,17 +84,23 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
         if (iy < 0 || iy >= p.H) continue;
         ++rows_valid;
         const float* xr = x + int64_t(iy) * p.W;
-        if (first) {
-          std::copy(xr, xr + p.W, vrow);
-          first = false;
-          continue;
+        // Whole vectors; the last group loads only the row's remaining floats and leaves the
+        // identity in the lanes past the row (the right padding of the buffer).
+        for (int j = 0; j < p.W; j += 8) {
+          __m256 v;
+          if (j + 8 <= p.W) {
+            v = _mm256_loadu_ps(xr + j);
+          } else {
+            const __m256i m = simd::tail_mask(p.W - j);
+            v = _mm256_blendv_ps(identv, _mm256_maskload_ps(xr + j, m), _mm256_castsi256_ps(m));
+          }
+          if (!first) {
+            const __m256 acc = _mm256_loadu_ps(vrow + j);
+            v = kMax ? max_keep_nan(acc, v) : _mm256_add_ps(acc, v);
+          }
+          _mm256_storeu_ps(vrow + j, v);
         }
-        int j = 0;
-        for (; j + 8 <= p.W; j += 8) {
-          const __m256 v = _mm256_loadu_ps(xr + j), acc = _mm256_loadu_ps(vrow + j);
-          _mm256_storeu_ps(vrow + j, kMax ? max_keep_nan(acc, v) : _mm256_add_ps(acc, v));
-        }
-        for (; j < p.W; ++j) vrow[j] = kMax ? max_keep_nan(vrow[j], xr[j]) : vrow[j] + xr[j];
+        first = false;
       }
       if (first) std::fill(vrow, vrow + p.W, ident);  // no input row under the window
       const float row_div = float(p.count_include_pad ? rows_pad : rows_valid);
@@ -101,9 +108,10 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
       int ox = 0;
       if (vectorised) {
         for (; ox + 8 <= p.OW; ox += 8) _mm256_storeu_ps(yr + ox, pool_vec(buf, ox, row_div));
-        if (ox < p.OW) {
-          _mm256_maskstore_ps(yr + ox, simd::tail_mask(p.OW - ox), pool_vec(buf, ox, row_div));
-          ox = p.OW;
+        if (ox < p.OW) {  // via a small buffer: masked stores are slow on some CPUs (Zen)
+          alignas(32) float last[8];
+          _mm256_store_ps(last, pool_vec(buf, ox, row_div));
+          for (int i = 0; ox < p.OW; ++i, ++ox) yr[ox] = last[i];
         }
       }
       for (; ox < p.OW; ++ox) {

@@ -232,7 +232,11 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
         const int y0 = int(r / t.tw) * 4 - p.PT, x0 = int(r % t.tw) * 4 - p.PL;
         const float* x = p.x + (n * p.C + c) * in_plane;
         if (y0 >= 0 && x0 >= 0 && y0 + A6 <= p.H && x0 + A6 <= p.W) {
-          for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_maskload_ps(x + int64_t(y0 + i) * p.W + x0, six);
+          // 8 floats when the row has them (plain loads are cheaper), else the 6 we need.
+          if (x0 + 8 <= p.W)
+            for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_loadu_ps(x + int64_t(y0 + i) * p.W + x0);
+          else
+            for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_maskload_ps(x + int64_t(y0 + i) * p.W + x0, six);
         } else {  // the patch crosses the image border: zeros outside
           for (int i = 0; i < A6; ++i) {
             const int yy = y0 + i;
@@ -289,8 +293,13 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
           __m128 v = _mm_add_ps(rows[i][lane], b);
           if (res) v = _mm_add_ps(v, cols == 4 ? _mm_loadu_ps(res + o) : _mm_maskload_ps(res + o, mask));
           v = act4(p.act, v, p.act_a, p.act_b);
-          if (cols == 4) _mm_storeu_ps(out + o, v);
-          else _mm_maskstore_ps(out + o, mask, v);
+          if (cols == 4) {
+            _mm_storeu_ps(out + o, v);
+          } else {  // via a buffer: masked stores are slow on some CPUs (Zen)
+            alignas(16) float part[4];
+            _mm_store_ps(part, v);
+            for (int q = 0; q < cols; ++q) out[o + q] = part[q];
+          }
         }
       }
     };
