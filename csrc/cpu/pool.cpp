@@ -53,17 +53,14 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
   const int span = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1;  // buffer columns the windows read
   // 8 outputs at a time across the row (the last group masked): taps of output ox start at
   // src[ox*SW]; stride 2 takes the even elements of 16-float runs.
-  auto pool_vec = [&](const float* src, int ox, float row_div) {
+  auto pool_vec = [&](const float* src, int ox, const float* inv) {
     __m256 m = p.SW == 1 ? _mm256_loadu_ps(src + ox) : load_even(src + 2 * ox);
     for (int kx = 1; kx < p.KW; ++kx) {
       const float* t = src + int64_t(ox) * p.SW + kx * p.DW;
       const __m256 v = p.SW == 1 ? _mm256_loadu_ps(t) : load_even(t);
       m = kMax ? max_keep_nan(m, v) : _mm256_add_ps(m, v);
     }
-    if (!kMax) {
-      const __m256 div = _mm256_mul_ps(_mm256_set1_ps(row_div), _mm256_loadu_ps(cols + ox));
-      m = _mm256_div_ps(m, _mm256_max_ps(div, _mm256_set1_ps(1.0f)));
-    }
+    if (!kMax) m = _mm256_mul_ps(m, _mm256_loadu_ps(inv + ox));
     return m;
   };
   const bool vectorised = (p.SW == 1 || p.SW == 2) && (p.SW == 1 ? p.DW == 1 : true);
@@ -73,6 +70,10 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
     float* y = p.y + t * out_plane;
     // Slack of 32 past the span: the masked last vector reads (never uses) up to 2*7+16 further.
     alignas(32) float buf[kMaxRowBuffer + 32];
+    // Averages: 1 / window area per column for the current row factor, rebuilt only when the
+    // row factor changes (at the top and bottom borders).
+    alignas(32) float inv[kMaxRowBuffer + 8];
+    float inv_for = -1.0f;
     float* vrow = buf + p.PL;  // vrow[ix] for ix in [-PL, span - PL)
     std::fill(buf, buf + span + 32, ident);
     for (int oy = 0; oy < p.OH; ++oy) {
@@ -104,13 +105,17 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
       }
       if (first) std::fill(vrow, vrow + p.W, ident);  // no input row under the window
       const float row_div = float(p.count_include_pad ? rows_pad : rows_valid);
+      if (!kMax && row_div != inv_for) {
+        for (int ox = 0; ox < p.OW + 8; ++ox) inv[ox] = 1.0f / std::max(1.0f, row_div * cols[ox]);
+        inv_for = row_div;
+      }
       float* yr = y + int64_t(oy) * p.OW;
       int ox = 0;
       if (vectorised) {
-        for (; ox + 8 <= p.OW; ox += 8) _mm256_storeu_ps(yr + ox, pool_vec(buf, ox, row_div));
+        for (; ox + 8 <= p.OW; ox += 8) _mm256_storeu_ps(yr + ox, pool_vec(buf, ox, inv));
         if (ox < p.OW) {  // via a small buffer: masked stores are slow on some CPUs (Zen)
           alignas(32) float last[8];
-          _mm256_store_ps(last, pool_vec(buf, ox, row_div));
+          _mm256_store_ps(last, pool_vec(buf, ox, inv));
           for (int i = 0; ox < p.OW; ++i, ++ox) yr[ox] = last[i];
         }
       }
@@ -118,7 +123,7 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
         const float* w = buf + int64_t(ox) * p.SW;
         float m = w[0];
         for (int kx = 1; kx < p.KW; ++kx) m = kMax ? max_keep_nan(m, w[kx * p.DW]) : m + w[kx * p.DW];
-        yr[ox] = kMax ? m : m / std::max(1.0f, row_div * cols[ox]);
+        yr[ox] = kMax ? m : m * inv[ox];
       }
     }
   };
