@@ -24,6 +24,8 @@ struct Pool2dParams {
 };
 void run_maxpool2d(const Pool2dParams& p, Parallel& par);
 void run_avgpool2d(const Pool2dParams& p, Parallel& par);
+// Per-thread scratch pooling can use (0: none needed).
+size_t pool2d_scratch_floats(const Pool2dParams& p);
 
 // Global pooling over `inner` contiguous elements for each of `outer` rows; p-norm for LpPool.
 enum class GlobalPool : int32_t { Avg = 0, Max = 1 };

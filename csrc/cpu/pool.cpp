@@ -130,6 +130,102 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
   par.run(int64_t(p.N) * p.C, task);
 }
 
+// Stride-1 "same" windows (GoogLeNet and Inception branches) over whole planes: the plane is
+// pooled as one flat array, first down the columns (taps W floats apart), then along the rows
+// (taps 1 float apart), so vectors run across row ends; the few columns whose windows cross a
+// row end are redone afterwards. Per-row overheads, which dominate small planes, disappear.
+bool same_stride1(const Pool2dParams& p) {
+  return p.SH == 1 && p.SW == 1 && p.DH == 1 && p.DW == 1 && p.KH % 2 == 1 && p.KW % 2 == 1 && p.KW <= 17 &&
+         p.PT == p.KH / 2 && p.PB == p.KH / 2 && p.PL == p.KW / 2 && p.PR == p.KW / 2 &&
+         p.OH == p.H && p.OW == p.W && p.KW <= p.W && p.W <= kMaxRowBuffer;
+}
+
+template <bool kMax>
+void run_pool_same_s1(const Pool2dParams& p, Parallel& par) {
+  const int64_t plane = int64_t(p.H) * p.W;
+  const int rh = p.KH / 2, rw = p.KW / 2;
+  const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
+  auto combine = [](__m256 a, __m256 b) { return kMax ? max_keep_nan(a, b) : _mm256_add_ps(a, b); };
+  auto combine1 = [](float a, float b) { return kMax ? max_keep_nan(a, b) : a + b; };
+  // 1 / (columns of each window inside the image), for averages without the padding.
+  alignas(32) float cinv[kMaxRowBuffer];
+  for (int xx = 0; xx < std::min(p.W, kMaxRowBuffer); ++xx)
+    cinv[xx] = 1.0f / float(std::min(rw, p.W - 1 - xx) + std::min(rw, xx) + 1);
+  auto task = [&](int64_t t, int thread) {
+    const float* x = p.x + t * plane;
+    float* y = p.y + t * plane;
+    float* v = par.scratch(thread) + 8;  // the column pass, with 8 guard floats on each side
+    // 1. Down the columns: v[i] = op of x[i + dy*W] for the window rows inside the image.
+    for (int yy = 0; yy < p.H; ++yy) {
+      const int lo = std::max(-rh, -yy), hi = std::min(rh, p.H - 1 - yy);
+      // Runs of rows with the same tap range share one flat loop.
+      int y1 = yy + 1;
+      while (y1 < p.H && std::max(-rh, -y1) == lo && std::min(rh, p.H - 1 - y1) == hi) ++y1;
+      const int64_t i0 = int64_t(yy) * p.W, i1 = int64_t(y1) * p.W;
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        __m256 m = _mm256_loadu_ps(x + i + int64_t(lo) * p.W);
+        for (int dy = lo + 1; dy <= hi; ++dy) m = combine(m, _mm256_loadu_ps(x + i + int64_t(dy) * p.W));
+        _mm256_storeu_ps(v + i, m);
+      }
+      for (; i < i1; ++i) {
+        float m = x[i + int64_t(lo) * p.W];
+        for (int dy = lo + 1; dy <= hi; ++dy) m = combine1(m, x[i + int64_t(dy) * p.W]);
+        v[i] = m;
+      }
+      yy = y1 - 1;
+    }
+    // 2. Along the rows, flat: right for every column whose window stays inside its row.
+    int64_t i = 0;
+    for (; i + 8 <= plane; i += 8) {
+      __m256 m = _mm256_loadu_ps(v + i - rw);
+      for (int dx = -rw + 1; dx <= rw; ++dx) m = combine(m, _mm256_loadu_ps(v + i + dx));
+      _mm256_storeu_ps(y + i, m);
+    }
+    for (; i < plane; ++i) {
+      float m = v[i - rw];
+      for (int dx = -rw + 1; dx <= rw; ++dx) m = combine1(m, v[i + dx]);
+      y[i] = m;
+    }
+    // 3. Redo the columns near the row ends, whose flat windows wrapped into the next row.
+    for (int yy = 0; yy < p.H; ++yy) {
+      const float* vr = v + int64_t(yy) * p.W;
+      float* yr = y + int64_t(yy) * p.W;
+      for (int xx = 0; xx < p.W; ++xx) {
+        if (xx == rw && p.W - rw > rw) xx = p.W - rw;  // skip the interior
+        float m = ident;
+        bool any = false;
+        for (int dx = -rw; dx <= rw; ++dx) {
+          const int c = xx + dx;
+          if (c < 0 || c >= p.W) continue;
+          m = any ? combine1(m, vr[c]) : vr[c];
+          any = true;
+        }
+        yr[xx] = m;
+      }
+    }
+    if (!kMax) {  // divide by the window area inside the image, or the whole window
+      if (p.count_include_pad) {
+        const __m256 inv = _mm256_set1_ps(1.0f / float(p.KH * p.KW));
+        int64_t j = 0;
+        for (; j + 8 <= plane; j += 8) _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_loadu_ps(y + j), inv));
+        for (; j < plane; ++j) y[j] *= 1.0f / float(p.KH * p.KW);
+      } else {
+        for (int yy = 0; yy < p.H; ++yy) {
+          const float rinv = 1.0f / float(std::min(rh, p.H - 1 - yy) + std::min(rh, yy) + 1);
+          float* yr = y + int64_t(yy) * p.W;
+          int xx = 0;
+          for (; xx + 8 <= p.W; xx += 8)
+            _mm256_storeu_ps(yr + xx, _mm256_mul_ps(_mm256_loadu_ps(yr + xx),
+                                                    _mm256_mul_ps(_mm256_set1_ps(rinv), _mm256_loadu_ps(cinv + xx))));
+          for (; xx < p.W; ++xx) yr[xx] *= rinv * cinv[xx];
+        }
+      }
+    }
+  };
+  par.run(int64_t(p.N) * p.C, task);
+}
+
 // Direct form for rows too wide for the stack buffer.
 void maxpool_direct(const Pool2dParams& p, Parallel& par) {
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
@@ -205,13 +301,19 @@ static bool buffered(const Pool2dParams& p) {
   return std::max<int64_t>(span, int64_t(p.PL) + p.W) <= kMaxRowBuffer;
 }
 
+size_t pool2d_scratch_floats(const Pool2dParams& p) {
+  return same_stride1(p) ? size_t(p.H) * p.W + 16 : 0;
+}
+
 void run_maxpool2d(const Pool2dParams& p, Parallel& par) {
-  if (buffered(p)) run_pool<true>(p, par);
+  if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<true>(p, par);
+  else if (buffered(p)) run_pool<true>(p, par);
   else maxpool_direct(p, par);
 }
 
 void run_avgpool2d(const Pool2dParams& p, Parallel& par) {
-  if (buffered(p)) run_pool<false>(p, par);
+  if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<false>(p, par);
+  else if (buffered(p)) run_pool<false>(p, par);
   else avgpool_direct(p, par);
 }
 

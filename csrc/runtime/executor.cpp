@@ -190,6 +190,20 @@ std::unique_ptr<Step> make_gemm(Args& a) {
   return std::make_unique<GemmStep>(g, nb, bshape, as, bs, rs);
 }
 
+class PoolStep final : public Step {
+ public:
+  PoolStep(const cpu::Pool2dParams& p, bool max) : p_(p), max_(max) {}
+  void run(cpu::Parallel& par) override {
+    if (max_) cpu::run_maxpool2d(p_, par);
+    else cpu::run_avgpool2d(p_, par);
+  }
+  size_t scratch_floats(int) const override { return cpu::pool2d_scratch_floats(p_); }
+
+ private:
+  cpu::Pool2dParams p_;
+  bool max_;
+};
+
 cpu::Pool2dParams read_pool(Args& a) {
   cpu::Pool2dParams p;
   const auto& xs = a.shape(0);
@@ -252,8 +266,8 @@ class CopyStep final : public Step {
 const KernelRegistrar kRegistered[] = {
       {"conv2d", make_conv2d},
       {"gemm", make_gemm},
-      {"maxpool2d", [](Args& a) { return simple<cpu::Pool2dParams, cpu::run_maxpool2d>(read_pool(a)); }},
-      {"avgpool2d", [](Args& a) { return simple<cpu::Pool2dParams, cpu::run_avgpool2d>(read_pool(a)); }},
+      {"maxpool2d", [](Args& a) -> std::unique_ptr<Step> { return std::make_unique<PoolStep>(read_pool(a), true); }},
+      {"avgpool2d", [](Args& a) -> std::unique_ptr<Step> { return std::make_unique<PoolStep>(read_pool(a), false); }},
       {"global_pool",
        [](Args& a) -> std::unique_ptr<Step> {
          const auto& xs = a.shape(0);

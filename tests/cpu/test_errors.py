@@ -156,7 +156,9 @@ def test_nan_propagates_like_torch() -> None:
     np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("op,attrs", [("MaxPool", {"kernel_shape": [2, 2]}), ("GlobalMaxPool", {}),
+@pytest.mark.parametrize("op,attrs", [("MaxPool", {"kernel_shape": [2, 2]}),
+                                      ("MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+                                      ("GlobalMaxPool", {}),
                                       ("GlobalAveragePool", {}), ("Relu", {}), ("Sigmoid", {}),
                                       ("Softmax", {"axis": 1})])
 def test_nan_propagates_through_ops(op: str, attrs: dict) -> None:

@@ -78,6 +78,11 @@ POOL_CASES = [
     ({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, (1, 2, 5, 4100)),  # wide rows
     ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (2, 3, 9, 37)),
     ({"kernel_shape": [5, 5], "strides": [1, 1], "pads": [2, 1, 2, 3]}, (1, 3, 11, 59)),
+    # stride-1 "same" windows: pooled as flat planes
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 7, 7, 7)),
+    ({"kernel_shape": [5, 3], "strides": [1, 1], "pads": [2, 1, 2, 1]}, (2, 3, 17, 13)),
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 2, 1, 3)),
+    ({"kernel_shape": [7, 7], "strides": [1, 1], "pads": [3, 3, 3, 3]}, (1, 2, 5, 6)),
 ]
 
 
