@@ -1,114 +1,136 @@
-"""The embedded default: export a seed network, load it in the engine, embed a few photos and
-print the descriptors beside ONNX Runtime's.
+"""The embedded demo (`make demo`): image retrieval over the 10,000 Fashion-MNIST test images with
+the 48-bit hashing model that ships in cbir_engine/assets, end to end through the product path.
 
-    python -m cbir_engine.demo [--model resnet50] [--threads 2]
+  1. writes the test images as PNG files into class folders (the data comes from the Debian
+     package dataset-fashion-mnist; nothing is downloaded),
+  2. indexes the folder as `cbir index` does (decode, batch through the engine, pack 48-bit codes,
+     Hamming index file + SQLite metadata),
+  3. evaluates it as `cbir eval` does (1,000 leave-one-out queries, 100 per class) and prints mAP,
+  4. searches with a few query images as `cbir search` does and writes the HTML result page.
+
+    python -m cbir_engine.demo [--out build/demo] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import shutil
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry")
-MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+ASSET = Path(__file__).resolve().parent / "assets" / "fashion_mnist_hash48.onnx"
+QUERY_CLASSES = ("Sneaker", "Bag", "Trouser", "Shirt")  # a few easy and one hard class
 
 
-def load_photos(size: int) -> tuple[list[str], np.ndarray]:
-    """scikit-image's bundled photos, resized to size x size and normalised as for ImageNet."""
-    import skimage.data
-    from skimage.transform import resize
-
-    batch = []
-    for name in PHOTOS:
-        img = getattr(skimage.data, name)()
-        if img.ndim == 2:
-            img = np.stack([img] * 3, axis=-1)
-        img = resize(img[..., :3], (size, size), anti_aliasing=True).astype(np.float32)
-        batch.append((img.transpose(2, 0, 1) - MEAN) / STD)
-    return list(PHOTOS), np.stack(batch).astype(np.float32)
+def class_folder(name: str) -> str:
+    return name.replace("/", "-")  # "T-shirt/top" -> "T-shirt-top"
 
 
-def descriptor_network(name: str):
-    """The seed network's conv trunk + global average pooling: a 2-D descriptor per image."""
-    import torch
+def write_pngs(images: np.ndarray, labels: np.ndarray, root: Path, names: tuple[str, ...]) -> list[Path]:
+    """One PNG per image under root/<class>/<position>.png (lossless: the engine sees the same
+    pixels as the raw arrays)."""
+    from PIL import Image
 
-    from cbir_engine.models import build
-
-    module, size = build(name, seed=0)
-    for attr in ("fc", "classifier", "last_linear"):
-        if hasattr(module, attr):
-            setattr(module, attr, torch.nn.Identity())
-    return module.eval(), size
+    paths = []
+    for c in np.unique(labels):
+        (root / class_folder(names[c])).mkdir(parents=True, exist_ok=True)
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        p = root / class_folder(names[y]) / f"{i:05d}.png"
+        Image.fromarray(img).save(p, optimize=False, compress_level=1)
+        paths.append(p)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("build/demo"), help="working folder (replaced)")
+    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: all CPUs)")
+    parser.add_argument("--queries", type=int, default=1000, help="evaluation queries (100 per class)")
+    parser.add_argument("-k", type=int, default=8, help="results shown per example query")
     args = parser.parse_args(argv)
 
-    import onnxruntime as ort
-    import torch
+    from cbir_engine.data import FASHION_MNIST_CLASSES, DatasetUnavailableError, fashion_mnist
+    from cbir_engine.serve import report
+    from cbir_engine.store import Collection
+    from cbir_engine.store.images import thumbnail_png
 
-    import cbir_engine
-    from cbir_engine.torch_backend import export_onnx
+    t_start = time.perf_counter()
+    try:
+        x, y = fashion_mnist("test")
+    except DatasetUnavailableError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    if not ASSET.is_file():
+        print(f"demo: the model {ASSET} is missing (it is committed; train it again with "
+              "`python bench/train_demo_model.py`)", file=sys.stderr)
+        return 1
+    print(f"model: {ASSET.name} ({ASSET.stat().st_size / 1024:.0f} KiB of ONNX): small CNN trunk -> GeM -> "
+          "48-bit sign codes, trained with the triplet loss on Fashion-MNIST's training part")
 
-    torch.set_num_threads(args.threads)
-    module, size = descriptor_network(args.model)
-    names, images = load_photos(size)
-    print(f"model: {args.model} (seeded random weights, randomised BatchNorm), input {size}x{size}")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    image_dir = args.out / "fashion-mnist-test"
     t0 = time.perf_counter()
-    onnx_bytes = export_onnx(module, torch.zeros(1, 3, size, size))
+    write_pngs(x, y, image_dir, FASHION_MNIST_CLASSES)
     t1 = time.perf_counter()
-    engine = cbir_engine.load(onnx_bytes, threads=args.threads)
-    t2 = time.perf_counter()
-    print(f"exported {len(onnx_bytes) / 2**20:.1f} MiB of ONNX in {t1 - t0:.1f} s; "
-          f"loaded and optimised in {t2 - t1:.2f} s: {engine}")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    feed = sess.get_inputs()[0].name
+    print(f"wrote the {len(x):,} test images as PNG files under {image_dir}/<class>/ in {t1 - t0:.1f} s")
 
-    ours = engine(images)
-    ref = sess.run(None, {feed: images})[0]
-    ours_n = ours / np.linalg.norm(ours, axis=1, keepdims=True)
-    ref_n = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-    head = f"cbir-engine descriptor (first 4 of {ours.shape[1]})"
-    print(f"\n{'image':<22} {head:<46} ONNX Runtime")
-    for i, name in enumerate(names):
-        a = " ".join(f"{v:+.4f}" for v in ours_n[i, :4])
-        b = " ".join(f"{v:+.4f}" for v in ref_n[i, :4])
-        print(f"{name:<22} {a:<46} {b}")
-    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    print(f"\nmax |diff| / max |ref| = {err:.2e}")
-    sim = ours_n @ ours_n.T
-    np.fill_diagonal(sim, -1)
-    print("nearest neighbour of each photo (cosine):",
-          ", ".join(f"{names[i]}->{names[int(j)]}" for i, j in enumerate(sim.argmax(1))))
+    index_path = args.out / "fashion.index"
+    with Collection.create(index_path, ASSET, threads=args.threads) as coll:
+        bar = None
+        try:
+            from tqdm import tqdm
 
-    # Interleaved timing: engine, ORT, engine, ORT, ... ; median of per-pair ratios.
-    ratios, ours_ms, ort_ms = [], [], []
-    for _ in range(args.repeat):
-        a0 = time.perf_counter()
-        engine(images)
-        a1 = time.perf_counter()
-        sess.run(None, {feed: images})
-        a2 = time.perf_counter()
-        ours_ms.append((a1 - a0) * 1e3)
-        ort_ms.append((a2 - a1) * 1e3)
-        ratios.append((a1 - a0) / (a2 - a1))
-    print(f"batch {len(names)}, {args.threads} threads: cbir-engine {statistics.median(ours_ms):.1f} ms, "
-          f"ONNX Runtime {statistics.median(ort_ms):.1f} ms, ratio {statistics.median(ratios):.2f}x "
-          f"(median of {args.repeat} interleaved pairs)")
-    m = engine.memory({engine.input_names[0]: images.shape})
-    print(f"memory plan: arena {m['arena_bytes'] / 2**20:.1f} MiB for "
-          f"{m['intermediate_bytes'] / 2**20:.1f} MiB of intermediates")
-    return 0 if err <= 1e-4 else 1
+            bar = tqdm(total=len(x), desc="indexing", unit="img", file=sys.stderr, disable=None, leave=False)
+        except ImportError:
+            pass
+        rep = coll.update(image_dir, batch_size=256, progress=bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        print(f"indexed {rep.added:,} images in {rep.seconds:.1f} s ({rep.added / rep.seconds:,.0f} images/s: "
+              f"decode, engine, pack codes, write {index_path}); {len(rep.unreadable)} unreadable")
+
+        t2 = time.perf_counter()
+        res = coll.evaluate(args.queries, seed=0, ks=(10, 100))
+        print(f"\nretrieval quality: {res.queries:,} queries (100 per class), each ranking the other "
+              f"{res.database - 1:,} test images by Hamming distance; relevant = same class")
+        print(f"  mAP@all {res.map_all:.4f}   precision@10 {res.precision_at[10]:.4f}   "
+              f"precision@100 {res.precision_at[100]:.4f}   ({time.perf_counter() - t2:.1f} s)")
+
+        rows = coll.rows()
+        by_label: dict[str, list[int]] = {}
+        for r in rows.values():
+            by_label.setdefault(r.label or "", []).append(r.id)
+        results, query_labels = [], []
+        t3 = time.perf_counter()
+        for name in QUERY_CLASSES:
+            label = class_folder(name)
+            query = rows[by_label[label][0]]
+            hits = [h for h in coll.search_image(query.path, args.k + 1) if h.id != query.id][: args.k]
+            same = sum(h.label == label for h in hits)
+            results.append(report.QueryResult(f"{label}: {os.path.basename(query.path)}", query.path, hits,
+                                              f"{same} of {len(hits)} results are {label}"))
+            query_labels.append(label)
+            print(f"\nquery {query.path} ({label}): {same}/{len(hits)} of the top {len(hits)} are {label}")
+            for h in hits:
+                print(f"  #{h.rank:<2} distance {h.distance:>2.0f}  {h.label:<12} {os.path.basename(h.path)}")
+        search_ms = (time.perf_counter() - t3) / len(QUERY_CLASSES) * 1e3
+
+    page = args.out / "results.html"
+    thumbnail_png(results[0].source)  # fail here, not in the page, if Pillow cannot write PNGs
+    report.write(page, results, title="cbir-engine demo: Fashion-MNIST, 48-bit codes",
+                 summary=f"{len(x):,} images indexed; mAP@all {res.map_all:.4f} over {res.queries:,} queries; "
+                         "green = same class as the query, red = another class",
+                 query_labels=query_labels)
+    print(f"\none query from its file to ranked results: {search_ms:.1f} ms (decode, engine, Hamming search)")
+    print(f"wrote {page} (open it in a browser)")
+    print(f"demo took {time.perf_counter() - t_start:.1f} s. Next: `.venv/bin/cbir serve --index {index_path}` "
+          "and open http://127.0.0.1:8000/")
+    return 0
 
 
 if __name__ == "__main__":

@@ -46,3 +46,11 @@ class IndexFileError(CbirError, ValueError):
 
 class PlanFileError(CbirError, ValueError):
     """A saved plan file is truncated, corrupted, or of an unknown format or version."""
+
+
+class ImageDecodeError(CbirError, ValueError):
+    """An image file or upload cannot be read or decoded (corrupt, truncated, not an image)."""
+
+
+class IndexConsistencyError(IndexFileError):
+    """An on-disk index whose metadata (SQLite) and code file disagree, or are missing a part."""
