@@ -14,6 +14,7 @@ the 48-bit hashing model that ships in cbir_engine/assets, end to end through th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in QUERY_CLASSES:
             label = class_folder(name)
             query = rows[by_label[label][0]]
-            hits = [h for h in coll.search_image(query.path, args.k + 1) if h.id != query.id][: args.k]
+            # The query is in the index too: leave it out and number the rest from 1.
+            others = [h for h in coll.search_image(query.path, args.k + 1) if h.id != query.id][: args.k]
+            hits = [dataclasses.replace(h, rank=r) for r, h in enumerate(others, 1)]
             same = sum(h.label == label for h in hits)
             results.append(report.QueryResult(f"{label}: {os.path.basename(query.path)}", query.path, hits,
                                               f"{same} of {len(hits)} results are {label}"))

@@ -20,6 +20,12 @@ import time
 from importlib import resources
 from typing import Any
 
+try:  # module level: FastAPI resolves the endpoint annotations (strings here) in these globals
+    from fastapi import FastAPI, File, Form, Query, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+except ImportError:  # pragma: no cover - reported by create_app
+    FastAPI = None  # type: ignore[assignment,misc]
+
 from cbir_engine.errors import CbirError, ImageDecodeError
 from cbir_engine.store.collection import Collection, Hit
 from cbir_engine.store.images import thumbnail_png
@@ -35,11 +41,8 @@ def _page() -> str:
 
 def create_app(collection: Collection, default_k: int = 10) -> Any:
     """A FastAPI app serving `collection` (opened read-only by the caller)."""
-    try:
-        from fastapi import FastAPI, File, Form, Query, UploadFile
-        from fastapi.responses import HTMLResponse, JSONResponse, Response
-    except ImportError as e:
-        raise CbirError("`cbir serve` needs the web extras: pip install 'cbir-engine[app]'") from e
+    if FastAPI is None:
+        raise CbirError("`cbir serve` needs the web extras: pip install 'cbir-engine[app]'")
 
     app = FastAPI(title="cbir-engine", docs_url="/api/docs", redoc_url=None)
     lock = threading.Lock()  # one search at a time: the engine and the SQLite handle are shared

@@ -27,11 +27,12 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,23 @@ def _sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM back while in-memory and on-disk state change together: a Ctrl-C
+    (KeyboardInterrupt) in the middle would leave codes without their rows. They are delivered
+    when the block ends."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):  # platforms without per-thread signal masks
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -394,6 +412,10 @@ class Collection:
         metadata the next generation, atomically as a pair (see the module docstring)."""
         if not self.writable:
             raise CbirError("this index was opened read-only")
+        with _signals_deferred():
+            self._commit_now(rows, removed)
+
+    def _commit_now(self, rows: Sequence[Row], removed: Sequence[int]) -> None:
         gen = self._generation + 1
         new_file = self._code_path(gen)
         self.index.save(new_file)
@@ -562,18 +584,19 @@ class Collection:
             codes = self.embed(np.stack(batch_px), batch_size)
             ids = np.arange(next_id, next_id + len(batch_px), dtype=np.int64)
             olds = [int(old.id) for _, _, old in batch_meta if old is not None]
-            if olds:
-                self.index.remove(olds)
-                pending_removed.extend(olds)
-            self.index.add(codes, ids)
-            for i, (key, st, old) in zip(ids, batch_meta, strict=True):
-                label = _label_of(key, root) if labels == "parent" else None
-                pending_rows.append(Row(int(i), key, int(st.st_size), int(st.st_mtime_ns), label))
-                if old is None:
-                    report.added += 1
-                else:
-                    report.updated += 1
-            next_id += len(batch_px)
+            with _signals_deferred():  # the codes and their rows join the pending work together
+                if olds:
+                    self.index.remove(olds)
+                    pending_removed.extend(olds)
+                self.index.add(codes, ids)
+                for i, (key, st, old) in zip(ids, batch_meta, strict=True):
+                    label = _label_of(key, root) if labels == "parent" else None
+                    pending_rows.append(Row(int(i), key, int(st.st_size), int(st.st_mtime_ns), label))
+                    if old is None:
+                        report.added += 1
+                    else:
+                        report.updated += 1
+                next_id += len(batch_px)
             if progress is not None:
                 progress(len(batch_px))
             batch_px.clear()
@@ -581,9 +604,10 @@ class Collection:
 
         def commit() -> None:
             if pending_rows or pending_removed:
-                self._commit(pending_rows, pending_removed)
-                pending_rows.clear()
-                pending_removed.clear()
+                with _signals_deferred():  # committed work must leave the pending lists at once
+                    self._commit(pending_rows, pending_removed)
+                    pending_rows.clear()
+                    pending_removed.clear()
 
         if gone:
             self.index.remove(gone)
