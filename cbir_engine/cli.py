@@ -91,7 +91,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cbir_engine.torch_backend import export_onnx
 
     if args.model not in SEED_NETWORKS and args.model not in ZOO_ADDITIONS:
-        raise CliError(f"unknown model {args.model!r}; choose one of: {', '.join([*SEED_NETWORKS, *ZOO_ADDITIONS])}")
+        known = ", ".join([*SEED_NETWORKS, *ZOO_ADDITIONS])
+        raise CliError(f"unknown model {args.model!r}; choose one of: {known}")
     spec = SEED_NETWORKS.get(args.model) or ZOO_ADDITIONS[args.model]
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -240,7 +241,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 continue
             results.append((image, hits))
     if args.json:
-        print(json.dumps([{"query": q, "results": [h.__dict__ for h in hits]} for q, hits in results], indent=1))
+        listing = [{"query": q, "results": [h.__dict__ for h in hits]} for q, hits in results]
+        print(json.dumps(listing, indent=1))
     else:
         for q, hits in results:
             _print_table(q, hits)
@@ -343,11 +345,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbir", description="cbir-engine: export models, index folders of images, search, evaluate, train, benchmark, serve.",
+    p = argparse.ArgumentParser(prog="cbir",
+                                description="cbir-engine: export models, index folders of images, search, "
+                                            "evaluate, train, benchmark, serve.",
                                 epilog="`cbir COMMAND --help` describes each command.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, desc: str = "") -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+            desc: str = "") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=desc or help_,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(func=func)
@@ -360,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("export", cmd_export, "export a model of the zoo with a retrieval head to ONNX",
              "Exports a seed network's conv trunk with a retrieval head to ONNX (weights are seeded and\n"
              "random: no pretrained weights ship offline). gem/mac/spoc/rmac/netvlad give float\n"
-             "descriptors, hashN gives N-bit sign codes.\n\n  cbir export resnet50 --head gem -o resnet50_gem.onnx")
+             "descriptors, hashN gives N-bit sign codes.\n\n"
+             "  cbir export resnet50 --head gem -o resnet50_gem.onnx")
     sp.add_argument("model", help="network name, e.g. resnet50, vgg16, googlenet, small_cnn")
     sp.add_argument("--head", choices=HEADS, default="gem")
     sp.add_argument("-o", "--output", required=True, help="ONNX file to write")
@@ -408,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     threads(sp)
 
-    add("train", lambda a: 0, "train a hash network on an offline data set and export it (see cbir train --help)")
+    add("train", lambda a: 0,
+        "train a hash network on an offline data set and export it (see cbir train --help)")
 
     sp = add("bench", cmd_bench, "time the engine on a model and/or search on an index",
              "  cbir bench --model model.onnx --batch-sizes 1 16 64\n  cbir bench --index photos.index")

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         rep = coll.update(image_dir, batch_size=256, progress=bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
-        print(f"indexed {rep.added:,} images in {rep.seconds:.1f} s ({rep.added / rep.seconds:,.0f} images/s: "
+        rate = rep.added / rep.seconds
+        print(f"indexed {rep.added:,} images in {rep.seconds:.1f} s ({rate:,.0f} images/s: "
               f"decode, engine, pack codes, write {index_path}); {len(rep.unreadable)} unreadable")
 
         t2 = time.perf_counter()
@@ -126,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     page = args.out / "results.html"
     thumbnail_png(results[0].source)  # fail here, not in the page, if Pillow cannot write PNGs
     report.write(page, results, title="cbir-engine demo: Fashion-MNIST, 48-bit codes",
-                 summary=f"{len(x):,} images indexed; mAP@all {res.map_all:.4f} over {res.queries:,} queries; "
+                 summary=f"{len(x):,} images indexed; mAP@all {res.map_all:.4f} "
+                         f"over {res.queries:,} queries; "
                          "green = same class as the query, red = another class",
                  query_labels=query_labels)
     print(f"\none query from its file to ranked results: {search_ms:.1f} ms (decode, engine, Hamming search)")
     print(f"wrote {page} (open it in a browser)")
-    print(f"demo took {time.perf_counter() - t_start:.1f} s. Next: `.venv/bin/cbir serve --index {index_path}` "
+    print(f"demo took {time.perf_counter() - t_start:.1f} s. "
+          f"Next: `.venv/bin/cbir serve --index {index_path}` "
           "and open http://127.0.0.1:8000/")
     return 0
 

@@ -144,7 +144,8 @@ class _CompiledGraph:
         # Parameters and buffers: dynamo passes them as inputs and marks them static.
         self.state_pos = {i for i, a in enumerate(example_inputs)
                           if isinstance(a, torch.Tensor)
-                          and (isinstance(a, torch.nn.Parameter) or getattr(a, "_dynamo_static_input_type", None))}
+                          and (isinstance(a, torch.nn.Parameter)
+                               or getattr(a, "_dynamo_static_input_type", None))}
         self.n_inputs = len(placeholders)
         out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         self.returns_list = isinstance(out, list)

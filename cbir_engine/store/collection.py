@@ -46,7 +46,7 @@ from cbir_engine.errors import (
     IndexFileError,
     ShapeError,
 )
-from cbir_engine.fileio import atomic_write, fsync_dir
+from cbir_engine.fileio import fsync_dir
 from cbir_engine.store.float_index import FloatIndex
 from cbir_engine.store.images import load_pixels, normalise, walk_images
 from cbir_engine.store.model_info import ModelInfo, read_model_info
@@ -210,7 +210,8 @@ class Collection:
                          if p.name not in (MODEL_FILE, LOCK_FILE)
                          and not p.name.startswith((".", "codes.", "vectors.", "meta.sqlite"))]
             if leftovers:
-                raise IndexFileError(f"{path} is a folder with other files in it ({', '.join(leftovers[:3])}); "
+                some = ", ".join(leftovers[:3])
+                raise IndexFileError(f"{path} is a folder with other files in it ({some}); "
                                      "give a new path for the index")
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = cls._take_lock(path)
@@ -242,7 +243,8 @@ class Collection:
                 "format": FORMAT, "version": str(FORMAT_VERSION), "kind": kind, "dim": str(probe),
                 "metric": metric, "model_info": info.to_json(),
                 "model_sha256": _sha256(path / MODEL_FILE), "generation": "0", "next_id": "0",
-                "code_checksum": str(_header_checksum(code_file)), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "code_checksum": str(_header_checksum(code_file)),
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
             db.execute("BEGIN IMMEDIATE")
             db.executemany("INSERT INTO info VALUES (?, ?)", values.items())
@@ -275,7 +277,8 @@ class Collection:
                 db = _connect(path / META_FILE)
                 db.execute("SELECT count(*) FROM info").fetchone()
             except sqlite3.DatabaseError as e:
-                raise IndexConsistencyError(f"{path}: the metadata database {META_FILE} is unreadable: {e}") from e
+                raise IndexConsistencyError(
+                    f"{path}: the metadata database {META_FILE} is unreadable: {e}") from e
             coll = cls(path, db, writable, threads)
             coll._lock_fd = lock_fd
             model = path / MODEL_FILE
@@ -449,7 +452,8 @@ class Collection:
         wanted = [int(i) for i in ids]
         for s in range(0, len(wanted), 500):
             chunk = wanted[s:s + 500]
-            q = f"SELECT id, path, size, mtime_ns, label FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT id, path, size, mtime_ns, label FROM images WHERE id IN ({marks})"
             out.update({r[0]: Row(*r) for r in self._db.execute(q, chunk)})
         return out
 
@@ -457,13 +461,15 @@ class Collection:
         return self.rows([image_id]).get(int(image_id))
 
     def list_rows(self, offset: int = 0, limit: int = 50) -> list[Row]:
-        cur = self._db.execute("SELECT id, path, size, mtime_ns, label FROM images ORDER BY id LIMIT ? OFFSET ?",
+        cur = self._db.execute("SELECT id, path, size, mtime_ns, label FROM images "
+                               "ORDER BY id LIMIT ? OFFSET ?",
                                (int(limit), int(offset)))
         return [Row(*r) for r in cur]
 
     def info(self) -> dict[str, Any]:
         """What the index holds, for people and for the JSON API."""
-        labels = self._db.execute("SELECT count(DISTINCT label) FROM images WHERE label IS NOT NULL").fetchone()[0]
+        labels = self._db.execute(
+            "SELECT count(DISTINCT label) FROM images WHERE label IS NOT NULL").fetchone()[0]
         return {"path": os.fspath(self.path), "images": len(self), "kind": self.kind, "dim": self.dim,
                 "metric": self.metric, "labels": int(labels), "generation": self._generation,
                 "input": f"{self.model_info.channels}x{self.model_info.height}x{self.model_info.width}"}
@@ -676,7 +682,8 @@ class Collection:
             q = np.arange(len(rows))
         else:
             per = max(1, queries // len(names))
-            q = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(len(names))]))
+            picks = [rng.permutation(np.flatnonzero(y == c))[:per] for c in range(len(names))]
+            q = np.sort(np.concatenate(picks))
         n = len(rows)
         ap_sum, p_sum = 0.0, dict.fromkeys(ks, 0.0)
         for s in range(0, len(q), 100):

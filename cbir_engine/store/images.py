@@ -64,7 +64,8 @@ def to_model_pixels(img, info: ModelInfo) -> np.ndarray:  # type: ignore[no-unty
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def load_pixels(source: str | os.PathLike[str] | bytes, info: ModelInfo, name: str | None = None) -> np.ndarray:
+def load_pixels(source: str | os.PathLike[str] | bytes, info: ModelInfo,
+                name: str | None = None) -> np.ndarray:
     """open_image + to_model_pixels; raises ImageDecodeError for anything unreadable."""
     img = open_image(source, name)
     try:
@@ -107,6 +108,9 @@ def walk_images(root: str | os.PathLike[str]) -> Iterator[Path]:
         for f in files:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(folder) / f)
-    found.sort(key=lambda p: hashlib.blake2b(p.relative_to(root).as_posix().encode("utf-8", "surrogateescape"),
-                                             digest_size=8).digest())
+    def order(p: Path) -> bytes:
+        rel = p.relative_to(root).as_posix().encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(rel, digest_size=8).digest()
+
+    found.sort(key=order)
     yield from found

@@ -53,8 +53,9 @@ def _generation(index: Path) -> int:
 def _start_and_stop(folder: Path, model: Path, out: Path, sig: int, after_generation: int) -> int:
     """Starts `cbir index`, sends `sig` once `after_generation` commits are on disk, returns the
     exit status."""
-    proc = subprocess.Popen([sys.executable, "-m", "cbir_engine.cli", "index", str(folder), "--model", str(model),
-                             "-o", str(out), *INDEX_ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "cbir_engine.cli", "index", str(folder), "--model", str(model),
+           "-o", str(out), *INDEX_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
         while _generation(out) < after_generation:

@@ -37,8 +37,9 @@ def test_folder_with_corrupt_jpeg_and_text_named_jpg(tmp_path, image_folder, has
         assert len(c) == 200
         paths = {r.path for r in c.rows().values()}
         assert str(broken) not in paths and str(text) not in paths
-        assert {r.label for r in c.rows().values()} <= {"Ankle boot", "Bag", "Coat", "Dress", "Pullover",
-                                                          "Sandal", "Shirt", "Sneaker", "T-shirt-top", "Trouser"}
+        classes = {"Ankle boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker",
+                   "T-shirt-top", "Trouser"}
+        assert {r.label for r in c.rows().values()} <= classes
 
 
 def test_rerun_adds_only_new_and_changed_files(tmp_path, image_folder, hash_model, fashion):
@@ -66,7 +67,8 @@ def test_rerun_adds_only_new_and_changed_files(tmp_path, image_folder, hash_mode
         rows = c.rows()
         assert len(c) == 203 and len(rows) == 203
         # Unchanged files keep their ids and codes; the changed one got a new id and new code.
-        codes = {int(i): code for i, code in zip(c.index.ids, np.asarray(c.index.codes).tolist(), strict=True)}
+        stored = np.asarray(c.index.codes).tolist()
+        codes = {int(i): code for i, code in zip(c.index.ids, stored, strict=True)}
         for r in rows.values():
             if r.path in before and r.path != str(changed):
                 assert before[r.path] == (r.id, codes[r.id])
@@ -92,7 +94,8 @@ def test_disagreeing_parts_are_refused(tmp_path, image_folder, hash_model):
     shutil.copyfile(_code_file(b), _code_file(a))
     with pytest.raises(IndexConsistencyError, match="not the one the metadata recorded"):
         Collection.open(a)
-    proc = run_cli("search", str(sorted((image_folder / "Coat").iterdir())[0]), "--index", str(a), check=False)
+    coat = sorted((image_folder / "Coat").iterdir())[0]
+    proc = run_cli("search", str(coat), "--index", str(a), check=False)
     assert proc.returncode == 1 and "parts disagree" in proc.stderr and "Traceback" not in proc.stderr
 
     # Rows deleted from SQLite behind the index's back (the code file untouched).
@@ -225,7 +228,8 @@ def test_float_index_file_round_trip_and_checks(tmp_path):
     path = tmp_path / "v.fidx"
     idx.save(path)
     back = FloatIndex.load(path)
-    assert back.metric == "l2" and np.array_equal(back.ids, idx.ids) and np.array_equal(back.vectors, idx.vectors)
+    assert back.metric == "l2" and np.array_equal(back.ids, idx.ids)
+    assert np.array_equal(back.vectors, idx.vectors)
     d2, i2 = back.search(v[:5], 4)
     assert np.array_equal(i2, idx.search(v[:5], 4)[1])
     raw = bytearray(path.read_bytes())
