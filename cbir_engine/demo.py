@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     from cbir_engine.data import FASHION_MNIST_CLASSES, DatasetUnavailableError, fashion_mnist
     from cbir_engine.serve import report
     from cbir_engine.store import Collection
-    from cbir_engine.store.images import thumbnail_png
 
     t_start = time.perf_counter()
     try:
@@ -125,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         search_ms = (time.perf_counter() - t3) / len(QUERY_CLASSES) * 1e3
 
     page = args.out / "results.html"
-    thumbnail_png(results[0].source)  # fail here, not in the page, if Pillow cannot write PNGs
     report.write(page, results, title="cbir-engine demo: Fashion-MNIST, 48-bit codes",
                  summary=f"{len(x):,} images indexed; mAP@all {res.map_all:.4f} "
                          f"over {res.queries:,} queries; "

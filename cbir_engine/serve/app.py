@@ -89,6 +89,7 @@ def create_app(collection: Collection, default_k: int = 10) -> Any:
         t0 = time.perf_counter()
         try:
             with lock:
+                collection.refresh()
                 hits = collection.search_image(data, k, name=name)
         except ImageDecodeError as e:
             return error(422, f"{e} — upload a JPEG, PNG, GIF, BMP, TIFF or WebP image")
@@ -102,6 +103,7 @@ def create_app(collection: Collection, default_k: int = 10) -> Any:
         t0 = time.perf_counter()
         try:
             with lock:
+                collection.refresh()
                 row = collection.row(id)
                 hits = collection.search_id(id, k)
         except KeyError:
@@ -115,6 +117,7 @@ def create_app(collection: Collection, default_k: int = 10) -> Any:
         if offset < 0 or not 1 <= limit <= 500:
             return error(400, "offset must be >= 0 and limit between 1 and 500")
         with lock:
+            collection.refresh()
             rows = collection.list_rows(offset, limit)
             total = len(collection)
         return {"total": total, "offset": offset,

@@ -384,6 +384,15 @@ class Collection:
             return
         raise IndexConsistencyError(f"{self.path}: the index kept changing while it was being opened")
 
+    def refresh(self) -> bool:
+        """Re-reads the index if another process committed to it since it was opened (a server
+        sees what `cbir index` adds while it runs); True when it changed."""
+        row = self._db.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
+        if row is None or int(row[0]) == self._generation:
+            return False
+        self._load_codes()
+        return True
+
     def _read_code_file(self, path: Path) -> Any:
         if self.kind == "binary":
             from cbir_engine.index import HammingIndex

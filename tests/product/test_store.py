@@ -266,3 +266,22 @@ def test_index_into_existing_with_other_model_is_refused(tmp_path, image_folder_
     proc = run_cli("index", str(image_folder_200), "-o", str(out), "--no-progress")
     assert "0 added, 0 updated, 200 unchanged" in proc.stdout
     assert time.perf_counter() - t0 < 60
+
+
+def test_reader_sees_what_a_writer_commits(tmp_path, image_folder, hash_model):
+    out = tmp_path / "my.index"
+    bag = image_folder / "Bag"
+    moved = tmp_path / "later"
+    shutil.move(bag, moved)  # index everything but the bags first
+    with Collection.create(out, hash_model, threads=1) as writer:
+        writer.update(image_folder)
+        reader = Collection.open(out)
+        n = len(reader)
+        assert reader.refresh() is False
+        shutil.move(moved, bag)
+        added = writer.update(image_folder).added
+        assert added > 0
+        assert reader.refresh() is True and len(reader) == n + added
+        query = sorted(bag.iterdir())[0]
+        assert any(h.path == str(query) for h in reader.search_image(query, k=50))
+        reader.close()
