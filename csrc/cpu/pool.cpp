@@ -188,7 +188,7 @@ void run_pool_same_s1(const Pool2dParams& p, Parallel& par) {
       y[i] = m;
     }
     // 3. Redo the columns near the row ends, whose flat windows wrapped into the next row.
-    for (int yy = 0; yy < p.H; ++yy) {
+    for (int yy = 0; yy < p.H && rw > 0; ++yy) {  // a 1-wide window never wraps
       const float* vr = v + int64_t(yy) * p.W;
       float* yr = y + int64_t(yy) * p.W;
       for (int xx = 0; xx < p.W; ++xx) {
