@@ -6,6 +6,14 @@ cbir_engine.index.milvus. Ray is imported only when used: pip install 'cbir-engi
 
 from cbir_engine.distributed.local_cluster import ClusterStartError, LocalRayCluster
 from cbir_engine.distributed.ray_index import DistributedIndexError, RayOptions, index_folder, ray_update
+from cbir_engine.distributed.sharded import (
+    ShardedHammingIndex,
+    ShardedRangeResult,
+    ShardedResult,
+    ShardUnavailableError,
+    merge_topk,
+)
 
-__all__ = ["ClusterStartError", "DistributedIndexError", "LocalRayCluster", "RayOptions", "index_folder",
-           "ray_update"]
+__all__ = ["ClusterStartError", "DistributedIndexError", "LocalRayCluster", "RayOptions",
+           "ShardUnavailableError", "ShardedHammingIndex", "ShardedRangeResult", "ShardedResult",
+           "index_folder", "merge_topk", "ray_update"]
