@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py $(VENV)/.apt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel pybind11 numpy
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,demo]'
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,demo,distributed]'
 	touch $@
 
 $(EXT): $(STAMP) $(CSRC) setup.py
