@@ -182,10 +182,18 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr)
 
     with coll, _sigterm_as_interrupt():
-        report = coll.update(folder, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-                             labels=args.labels, prune=args.prune,
-                             progress=lambda n: bar.update(n) if bar is not None else None,
-                             on_unreadable=on_unreadable, on_plan=on_plan)
+        update = coll.update
+        if args.ray is not None:  # the same work on a Ray cluster: cbir_engine.distributed
+            from functools import partial
+
+            from cbir_engine.distributed.ray_index import RayOptions, ray_update
+
+            update = partial(ray_update, coll, address=args.ray, options=RayOptions(
+                actors=args.ray_actors, cpus_per_actor=args.ray_actor_cpus))
+        report = update(folder, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+                        labels=args.labels, prune=args.prune,
+                        progress=lambda n: bar.update(n) if bar is not None else None,
+                        on_unreadable=on_unreadable, on_plan=on_plan)
         if bar is not None:
             bar.close()
         total = len(coll)
@@ -392,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="distance for float descriptors (binary codes use Hamming)")
     sp.add_argument("--prune", action="store_true", help="drop indexed files that are gone from FOLDER")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--ray", metavar="ADDRESS", default=None,
+                    help="read and embed on the Ray cluster at ADDRESS (HOST:PORT, or 'auto'); same index")
+    sp.add_argument("--ray-actors", type=_positive, default=2, help="embedding actors with --ray (default 2)")
+    sp.add_argument("--ray-actor-cpus", type=float, default=1.0,
+                    help="CPUs per actor with --ray, fractions allowed (default 1); engine threads follow")
     threads(sp)
 
     sp = add("search", cmd_search, "search an index with one or more images",

@@ -5,7 +5,13 @@ cbir_engine.index.milvus. Ray is imported only when used: pip install 'cbir-engi
 """
 
 from cbir_engine.distributed.local_cluster import ClusterStartError, LocalRayCluster
-from cbir_engine.distributed.ray_index import DistributedIndexError, RayOptions, index_folder, ray_update
+from cbir_engine.distributed.ray_index import (
+    DistributedIndexError,
+    RayOptions,
+    RayOptionsError,
+    index_folder,
+    ray_update,
+)
 from cbir_engine.distributed.sharded import (
     ShardedHammingIndex,
     ShardedRangeResult,
@@ -14,6 +20,6 @@ from cbir_engine.distributed.sharded import (
     merge_topk,
 )
 
-__all__ = ["ClusterStartError", "DistributedIndexError", "LocalRayCluster", "RayOptions",
+__all__ = ["ClusterStartError", "DistributedIndexError", "LocalRayCluster", "RayOptions", "RayOptionsError",
            "ShardUnavailableError", "ShardedHammingIndex", "ShardedRangeResult", "ShardedResult",
            "index_folder", "merge_topk", "ray_update"]

@@ -53,6 +53,10 @@ from cbir_engine.store.images import load_pixels, normalise, walk_images
 from cbir_engine.store.model_info import ModelInfo
 
 
+class RayOptionsError(CbirError, ValueError):
+    """A setting for a distributed run is out of range."""
+
+
 class DistributedIndexError(CbirError, RuntimeError):
     """A distributed indexing run failed (an actor or task died beyond its retries); what was
     committed before the failure stays, and running again resumes from there."""
@@ -157,11 +161,14 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         if self.actors < 1:
-            raise ValueError(f"actors must be >= 1, got {self.actors}")
-        if self.cpus_per_actor <= 0 or self.cpus_per_reader <= 0:
-            raise ValueError("cpus_per_actor and cpus_per_reader must be positive")
+            raise RayOptionsError(f"actors must be >= 1, got {self.actors}")
+        if not (self.cpus_per_actor > 0 and self.cpus_per_reader > 0):  # also refuses NaN
+            raise RayOptionsError(f"CPUs per actor and per reader must be positive, got {self.cpus_per_actor} "
+                                  f"and {self.cpus_per_reader}")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            raise RayOptionsError(f"threads_per_actor must be >= 1, got {self.threads_per_actor}")
         if self.max_restarts < -1:
-            raise ValueError(f"max_restarts must be >= -1 (-1: without limit), got {self.max_restarts}")
+            raise RayOptionsError(f"max_restarts must be >= -1 (-1: without limit), got {self.max_restarts}")
 
 
 _Work = list[tuple[str, os.stat_result, "Row | None"]]
