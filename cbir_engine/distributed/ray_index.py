@@ -163,7 +163,8 @@ class RayOptions:
         if self.actors < 1:
             raise RayOptionsError(f"actors must be >= 1, got {self.actors}")
         if not (self.cpus_per_actor > 0 and self.cpus_per_reader > 0):  # also refuses NaN
-            raise RayOptionsError(f"CPUs per actor and per reader must be positive, got {self.cpus_per_actor} "
+            raise RayOptionsError(f"CPUs per actor and per reader must be positive, got "
+                                  f"{self.cpus_per_actor} "
                                   f"and {self.cpus_per_reader}")
         if self.threads_per_actor is not None and self.threads_per_actor < 1:
             raise RayOptionsError(f"threads_per_actor must be >= 1, got {self.threads_per_actor}")
