@@ -15,12 +15,13 @@ Results come back from the actors in any order; the driver buffers them and fold
 contiguous prefix of the work list, giving ids in walk order, so ids are the same as a
 single-process run's whatever the order of completion.
 
-Failures and resuming: progress is committed into the collection (a new code-file generation
-plus its SQLite rows, atomically, see cbir_engine.store.collection) every `checkpoint_every`
-images. When an actor or task fails beyond Ray's retries, or the run is interrupted, the driver
-commits the prefix it has and stops (DistributedIndexError, or report.interrupted); running
-again skips every committed image, so the resumed index equals an uninterrupted run's. A
-committed prefix is the only state: nothing half-done survives a crash of the driver itself.
+Failures and resuming: an embedding actor that dies is replaced by Ray Data and its batches run
+again. Progress is committed into the collection (a new code-file generation plus its SQLite
+rows, atomically, see cbir_engine.store.collection) every `checkpoint_every` images. When the
+pipeline fails for good, or the run is interrupted, the driver commits the prefix it has and
+stops (DistributedIndexError, or report.interrupted); if the driver itself dies, the last commit
+stands. Running again skips every committed image, so the resumed index equals an uninterrupted
+run's. The committed prefix is the only state kept between runs.
 
 The folder must be readable at the same path on every node that runs read tasks (a shared
 file system), as for any Ray Data read of local paths.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +150,13 @@ class Embedder:
 class RayOptions:
     """How the work is spread. `actors` embedding actors of `cpus_per_actor` CPUs each (fractions
     allowed: on small machines whole CPUs per actor leave none for the reading tasks, and the
-    pipeline starves); decoding tasks take `cpus_per_reader`. `max_restarts` is how often Ray may
-    restart a dead actor (its batches are retried); 0 makes an actor's death end the run."""
+    pipeline starves); decoding tasks take `cpus_per_reader`. An actor that dies is replaced by
+    Ray Data and its batches are run again (the tests kill one mid-run: same index)."""
 
     actors: int = 2
     cpus_per_actor: float = 1.0
     cpus_per_reader: float = 0.25
     threads_per_actor: int | None = None  # None: the whole CPUs the actor holds
-    max_restarts: int = 2
 
     def __post_init__(self) -> None:
         if self.actors < 1:
@@ -168,8 +167,6 @@ class RayOptions:
                                   f"and {self.cpus_per_reader}")
         if self.threads_per_actor is not None and self.threads_per_actor < 1:
             raise RayOptionsError(f"threads_per_actor must be >= 1, got {self.threads_per_actor}")
-        if self.max_restarts < -1:
-            raise RayOptionsError(f"max_restarts must be >= -1 (-1: without limit), got {self.max_restarts}")
 
 
 _Work = list[tuple[str, os.stat_result, "Row | None"]]
@@ -350,20 +347,14 @@ def _pipeline(ray: Any, coll: Collection, todo: _Work,
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, fn_kwargs={"info_json": info_json},
                         num_cpus=options.cpus_per_reader)
-    with warnings.catch_warnings():
-        # Ray 2.60 names no parameter for actor restarts yet and warns about the generic form.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ds.map_batches(
-            Embedder,
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=options.actors),
-            fn_constructor_kwargs={"model": model, "info_json": info_json, "kind": coll.kind,
-                                   "dim": coll.dim, "batch_size": batch_size,
-                                   "threads": options.threads_per_actor},
-            num_cpus=options.cpus_per_actor,
-            max_restarts=options.max_restarts,
-            max_task_retries=-1 if options.max_restarts else 0,
-        )
+    return ds.map_batches(
+        Embedder,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        fn_constructor_kwargs={"model": model, "info_json": info_json, "kind": coll.kind, "dim": coll.dim,
+                               "batch_size": batch_size, "threads": options.threads_per_actor},
+        num_cpus=options.cpus_per_actor,
+    )
 
 
 def index_folder(root: str | os.PathLike[str], index: str | os.PathLike[str], *,
