@@ -64,6 +64,13 @@ class ShardedRangeResult(NamedTuple):
     missing_shards: tuple[int, ...]
 
 
+def _canonical_codes(a: np.ndarray) -> np.ndarray:
+    """The same bytes under numpy's own uint8 dtype object. Arrays that arrive through Ray's
+    serialisation carry an equal but distinct dtype instance, which the C++ search entry points
+    refuse ("must be uint8": they compare dtypes by identity). A view, not a copy."""
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
 class HammingShard:
     """The body of one shard actor: a HammingIndex, loaded from `path` when given (so a restarted
     actor comes back with its codes)."""
@@ -81,7 +88,7 @@ class HammingShard:
             self.index = HammingIndex(bits, threads=threads)
 
     def add(self, codes: np.ndarray, ids: np.ndarray) -> int:
-        self.index.add(codes, ids)
+        self.index.add(_canonical_codes(codes), ids)
         return self.index.ntotal
 
     def remove(self, ids: np.ndarray) -> int:
@@ -94,10 +101,10 @@ class HammingShard:
         n = self.index.ntotal
         if n == 0:
             return np.empty((len(queries), 0), np.int32), np.empty((len(queries), 0), np.int64)
-        return self.index.search(queries, min(k, n))
+        return self.index.search(_canonical_codes(queries), min(k, n))
 
     def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.index.range_search(queries, radius)
+        return self.index.range_search(_canonical_codes(queries), radius)
 
     def save(self, path: str) -> None:
         self.index.save(path)
@@ -152,7 +159,8 @@ class ShardedHammingIndex:
                                      os.fspath(paths[s]) if paths is not None else None)
                         for s in range(shards)]
         # Wait for the constructors, so a bad shard file fails here and not in the first search.
-        ray.get([a.ntotal.remote() for a in self._actors])
+        # The driver keeps each shard's size: k is checked before anything is sent.
+        self._counts = [int(c) for c in ray.get([a.ntotal.remote() for a in self._actors])]
 
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike[str]], **kwargs: Any) -> ShardedHammingIndex:
@@ -195,26 +203,32 @@ class ShardedHammingIndex:
             raise ShapeError(f"ids must be 1-D with one id per code ({codes.shape[0]}), got {ids_a.shape}")
         ids_a = ids_a.astype(np.int64)
         where = self.shard_of(ids_a)
-        refs = []
+        sent = {}
         for s, a in enumerate(self._actors):
             sel = np.flatnonzero(where == s)
             if sel.size:
-                refs.append(a.add.remote(codes[sel], ids_a[sel]))
-        ray.get(refs)
+                sent[s] = a.add.remote(codes[sel], ids_a[sel])
+        for s, ref in sent.items():
+            self._counts[s] = int(ray.get(ref))
 
     def remove(self, ids: Any) -> int:
         import ray
 
         ids_a = np.asarray(ids, np.int64).ravel()
         where = self.shard_of(ids_a)
-        refs = [a.remove.remote(ids_a[where == s]) for s, a in enumerate(self._actors) if (where == s).any()]
-        return int(sum(ray.get(refs)))
+        sent = {s: a.remove.remote(ids_a[where == s])
+                for s, a in enumerate(self._actors) if (where == s).any()}
+        removed = 0
+        for s, ref in sent.items():
+            gone = int(ray.get(ref))
+            self._counts[s] -= gone
+            removed += gone
+        return removed
 
     @property
     def ntotal(self) -> int:
-        import ray
-
-        return int(sum(ray.get([a.ntotal.remote() for a in self._actors])))
+        """Codes held, as the driver counted them (no round trip to the shards)."""
+        return int(sum(self._counts))
 
     def __len__(self) -> int:
         return self.ntotal
@@ -254,22 +268,16 @@ class ShardedHammingIndex:
         seconds) raises ShardUnavailableError, or with `allow_partial` is left out and named in
         the result's `missing_shards`."""
         q = check_codes(queries, self._bits, "queries")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise IndexArgumentError(f"k must be a positive int, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
+            raise IndexArgumentError(f"k must be in [1, {self.ntotal}] (the number of codes), got {k!r}")
         refs = [a.search.remote(q, int(k)) for a in self._actors]
         got, failed = self._gather(refs, timeout)
         missing = tuple(sorted(failed))
         if missing and not allow_partial:
             raise ShardUnavailableError(missing, "; ".join(f"{s}: {failed[s]}" for s in missing))
         parts = [got[s] for s in sorted(got)]
-        available = sum(p[0].shape[1] for p in parts)
-        if not parts or available == 0:
-            if not missing:
-                raise IndexArgumentError("k must be in [1, 0] (the number of codes): the index is empty")
+        if not parts:
             return ShardedResult(np.empty((len(q), 0), np.int32), np.empty((len(q), 0), np.int64), missing)
-        # Each shard returns min(k, its size) columns: fewer than k in all means fewer than k codes.
-        if not missing and int(k) > available:
-            raise IndexArgumentError(f"k must be in [1, {available}] (the number of codes), got {k}")
         d, i = merge_topk(parts, int(k))
         return ShardedResult(d, i, missing)
 
