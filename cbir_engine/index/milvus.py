@@ -45,6 +45,9 @@ _QUERY_BATCH = 256  # queries per request (keeps request messages small)
 _INSERT_BATCH = 10_000
 _ID_FIELD = "id"
 _CODE_FIELD = "code"
+# Open MilvusHammingIndex objects per Milvus Lite file: pymilvus runs one local server per file,
+# shared by every client of this process; the last one to close stops it.
+_LOCAL_USERS: dict[str, int] = {}
 
 
 class MilvusUnavailableError(CbirError, RuntimeError):
@@ -114,10 +117,14 @@ class MilvusHammingIndex:
                                              "pip install 'milvus-lite==2.5.1'")
         self.collection = collection
         self.nprobe = int(nprobe)
+        self._closed = True
         try:
             self._client = pymilvus.MilvusClient(uri=self.uri, token=token)
         except Exception as e:  # pymilvus raises MilvusException and connection errors of its own
             raise MilvusUnavailableError(f"cannot connect to Milvus at {self.uri}: {e}") from e
+        self._closed = False
+        if _is_local(self.uri):
+            _LOCAL_USERS[self.uri] = _LOCAL_USERS.get(self.uri, 0) + 1
         if not self._client.has_collection(collection):
             self.close()
             raise IndexArgumentError(f"Milvus at {self.uri} has no collection {collection!r}")
@@ -300,15 +307,23 @@ class MilvusHammingIndex:
         self._client.drop_collection(self.collection)
 
     def close(self) -> None:
-        """Closes the connection; for Milvus Lite also stops the local server process that
-        pymilvus started for this file."""
+        """Closes the connection; for Milvus Lite, when no other open MilvusHammingIndex of this
+        process uses the file, also stops the local server process that pymilvus started for it."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(Exception):
             self._client.close()
-        if _is_local(self.uri) and "milvus_lite" in sys.modules:
-            from milvus_lite.server_manager import server_manager_instance
+        if not _is_local(self.uri):
+            return
+        _LOCAL_USERS[self.uri] -= 1
+        if _LOCAL_USERS[self.uri] == 0:
+            del _LOCAL_USERS[self.uri]
+            if "milvus_lite" in sys.modules:
+                from milvus_lite.server_manager import server_manager_instance
 
-            with contextlib.suppress(Exception):
-                server_manager_instance.release_server(self.uri)
+                with contextlib.suppress(Exception):
+                    server_manager_instance.release_server(self.uri)
 
     def __enter__(self) -> MilvusHammingIndex:
         return self
