@@ -21,6 +21,7 @@ from cbir_engine.errors import (
     UnsupportedOpError,
 )
 from cbir_engine.index import HammingIndex, pack_bits, unpack_bits
+from cbir_engine.index._errors import DeviceUnavailableError
 from cbir_engine.runtime import Engine
 
 __version__ = "0.1.0"
@@ -34,7 +35,9 @@ def load(
     check_finite: bool = False,
     optimize: bool = True,
     winograd: bool = True,
-) -> Engine:
+    precision: str | None = None,
+    gpu_backend: str = "triton",
+) -> Engine | Any:
     """Loads an ONNX model (path, bytes or onnx.ModelProto), optimises it and returns an Engine.
     A path to a plan saved by `Engine.save` loads that instead (memory-mapped, already packed).
 
@@ -43,11 +46,19 @@ def load(
     optimize: run the fusion passes (constant folding and BN folding always run).
     winograd: run eligible 3x3 convs with Winograd F(4x4,3x3) (fewer multiplies, ~10x the
         rounding error of direct convolution, still ~1e-5 relative per layer).
+    device: "cpu", or "cuda" / "cuda:N" for the GPU engine (cbir_engine.gpu.engine.GpuEngine:
+        torch CUDA tensors in and out; DeviceUnavailableError where no GPU is visible).
+    precision: the GPU engine's compute dtype, "fp16" (default), "bf16" or "fp32"; the CPU runs fp32.
+    gpu_backend: "triton" (default) or "cuda" (the CUDA C++ kernels) for the GPU engine.
     """
     from cbir_engine.graph.passes import optimize as run_passes
     from cbir_engine.onnx.importer import import_model, read_model
     from cbir_engine.plan.serialize import is_plan_file, load_plan
 
+    if device != "cpu":
+        return _load_gpu(model, device, precision or "fp16", gpu_backend, optimize)
+    if precision not in (None, "fp32"):
+        raise ValueError(f"precision {precision!r} needs device='cuda' (the CPU engine computes in fp32)")
     if isinstance(model, (str, os.PathLike)) and is_plan_file(model):
         graph, packed, packed_only, opset = load_plan(model)
         return Engine(graph, threads=threads, check_finite=check_finite, device=device, opset=opset,
@@ -58,6 +69,19 @@ def load(
     run_passes(graph, fuse=optimize)
     return Engine(graph, threads=threads, check_finite=check_finite, device=device, opset=opset,
                   winograd=winograd)
+
+
+def _load_gpu(model: Any, device: str, precision: str, backend: str, optimize: bool) -> Any:
+    from cbir_engine.gpu.engine import GpuEngine, from_onnx
+    from cbir_engine.plan.serialize import is_plan_file, load_plan
+
+    if isinstance(model, (str, os.PathLike)) and is_plan_file(model):
+        graph, _, packed_only, opset = load_plan(model)
+        if packed_only:
+            raise PlanFileError(f"{os.fspath(model)} holds some weights only in the CPU's packed layouts; "
+                                "load the ONNX model for device='cuda'")
+        return GpuEngine(graph, device=device, precision=precision, backend=backend, opset=opset)
+    return from_onnx(model, device=device, precision=precision, backend=backend, optimize=optimize)
 
 
 def supported_ops() -> dict[str, str]:
@@ -79,7 +103,7 @@ def from_torch(module: Any, example_input: Any, **kwargs: Any) -> Engine:
 
 
 __all__ = [
-    "CbirError", "DTypeError", "Engine", "HammingIndex", "IndexFileError", "ModelFormatError",
-    "NonFiniteError", "PlanFileError", "ShapeError", "UnsupportedOpError", "from_torch", "load",
-    "pack_bits", "supported_ops", "unpack_bits", "__version__",
+    "CbirError", "DTypeError", "DeviceUnavailableError", "Engine", "HammingIndex", "IndexFileError",
+    "ModelFormatError", "NonFiniteError", "PlanFileError", "ShapeError", "UnsupportedOpError", "from_torch",
+    "load", "pack_bits", "supported_ops", "unpack_bits", "__version__",
 ]
