@@ -174,7 +174,10 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
     ours_mih.add(db)
     m = ours_mih.mih_substrings
     width = -(-bits // m)
-    mih_bytes = m * n * (8 * (-(-bits // 64)) + 4) + m * (4 << width)
+    # Per code and table: the code without the table's substring (codes of at most 64 bits) or
+    # the whole code, and a 4-byte position; plus the bucket offsets.
+    copy_bytes = -(-(bits - width) // 8) if bits <= 64 and bits - width <= 56 else 8 * (-(-bits // 64))
+    mih_bytes = m * n * (copy_bytes + 4) + m * (4 << width)
     have_mih = mih_bytes <= MIH_MEMORY_LIMIT
     t = time.perf_counter()
     if have_mih:

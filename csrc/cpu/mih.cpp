@@ -54,6 +54,25 @@ inline uint32_t substring_of(const uint64_t* words, int first_bit, int bits) {
   return uint32_t(v & ((uint64_t(1) << bits) - 1));
 }
 
+// A 64-bit code without its substring [first_bit, first_bit + bits): the bits below it, then the
+// bits above it shifted down (what a table of packed remainders stores).
+inline uint64_t low_bits(int count) { return count >= 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1; }
+inline uint64_t rest_of(uint64_t code, int first_bit, int bits) {
+  const int top = first_bit + bits;
+  const uint64_t above = top >= 64 ? 0 : code >> top;
+  return (code & low_bits(first_bit)) | (first_bit >= 64 ? 0 : above << first_bit);
+}
+inline uint64_t code_from_rest(uint64_t rest, uint32_t sub, int first_bit, int bits) {
+  const int top = first_bit + bits;
+  const uint64_t above = top >= 64 ? 0 : (rest >> first_bit) << top;
+  return (rest & low_bits(first_bit)) | (uint64_t(sub) << first_bit) | above;
+}
+inline uint64_t load_rest(const uint8_t* p, int bytes) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, size_t(bytes));
+  return v;
+}
+
 inline int32_t distance(const uint64_t* a, const uint64_t* b, int words) {
   int32_t d = 0;
   for (int w = 0; w < words; ++w) d += __builtin_popcountll(a[w] ^ b[w]);
@@ -131,14 +150,19 @@ struct Probe {
   const MihTables* t = nullptr;
   std::vector<uint64_t> q;      // query words
   std::vector<uint32_t> q_sub;  // query substrings
+  std::vector<uint64_t> q_rest;  // the query without each table's substring (packed tables)
   MihStats stats;
 
   void set_query(const uint8_t* code) {
     q.resize(size_t(t->words));
     code_to_words(code, t->code_bytes, t->words, q.data());
     q_sub.resize(t->tables.size());
-    for (size_t i = 0; i < t->tables.size(); ++i)
-      q_sub[i] = substring_of(q.data(), t->tables[i].first_bit, t->tables[i].bits);
+    q_rest.resize(t->tables.size());
+    for (size_t i = 0; i < t->tables.size(); ++i) {
+      const auto& tb = t->tables[i];
+      q_sub[i] = substring_of(q.data(), tb.first_bit, tb.bits);
+      q_rest[i] = tb.rest_bytes ? rest_of(q[0], tb.first_bit, tb.bits) : 0;
+    }
   }
 
   // A code is met once per table whose substring is close enough; count it only at its first
@@ -169,7 +193,7 @@ struct Probe {
     struct Context {
       Probe* self;
       const MihTables::Table* tb;
-      uint32_t first;
+      uint32_t first, key;
       int table, radius;
       std::remove_reference_t<Hit>* hit;
       static void on_hit(void* c, int64_t entry, int32_t d) {
@@ -178,47 +202,74 @@ struct Probe {
         const uint64_t* code = x->tb->codes.data() + size_t(e) * size_t(x->self->t->words);
         if (x->self->first_met_here(code, x->radius, x->table)) (*x->hit)(d, int64_t(x->tb->positions[e]));
       }
-    } ctx{this, &tb, 0, table, radius, &hit};
-    // A software pipeline over the buckets of this probe: a bucket's offsets are prefetched
-    // kKeyAhead buckets before they are read, and its codes (a short run of cache lines: the
-    // hardware prefetcher would only catch on after the first misses) kBucketAhead buckets
-    // before they are scanned, so many memory requests are in flight at once.
-    constexpr int kKeyAhead = 16, kBucketAhead = 8, kRing = 32;  // kRing: power of two > sum
-    uint32_t ring_key[kRing], ring_begin[kRing], ring_end[kRing];
-    int64_t enumerated = 0, located = 0, scanned = 0;
+      static void on_rest_hit(void* c, int64_t entry, int32_t d) {
+        auto* x = static_cast<Context*>(c);
+        const uint32_t e = x->first + uint32_t(entry);
+        const int rb = x->tb->rest_bytes;
+        const uint64_t code =
+            code_from_rest(load_rest(x->tb->rest.data() + size_t(e) * size_t(rb), rb), x->key, x->tb->first_bit,
+                           x->tb->bits);
+        if (x->self->first_met_here(&code, x->radius, x->table)) (*x->hit)(d, int64_t(x->tb->positions[e]));
+      }
+    } ctx{this, &tb, 0, 0, table, radius, &hit};
+    // Buckets are taken in blocks: first every key of the block (its offsets prefetched), then
+    // the bucket bounds, then the scan. The scan reads a chain of short runs of cache lines at
+    // random places (about 20 lines a bucket at the default substring width); a prefetch cursor
+    // walks that chain kLinesAhead lines ahead of the scan, line by line, so a steady number of
+    // requests is in flight (whole buckets prefetched at once overflow the miss buffers in
+    // bursts and then leave them idle). Into L2 (prefetcht2): measured faster than L1 here.
+    constexpr int kBlock = 256, kLinesAhead = 64;
+    uint32_t keys[kBlock], begin[kBlock], end[kBlock];
     const uint64_t* codes = tb.codes.data();
-    auto locate = [&]() {  // read the oldest prefetched offsets, prefetch that bucket's codes
-      const int slot = int(located++ & (kRing - 1));
-      const uint32_t key = ring_key[slot];
-      ring_begin[slot] = tb.offsets[key];
-      ring_end[slot] = tb.offsets[key + 1];
-      const char* p0 = reinterpret_cast<const char*>(codes + size_t(ring_begin[slot]) * size_t(words));
-      const char* p1 = reinterpret_cast<const char*>(codes + size_t(ring_end[slot]) * size_t(words));
-      // Into L2 (prefetcht2): the measured best for these short random runs on Zen 4.
-      for (const char* p = p0; p < p1; p += 64) __builtin_prefetch(p, 0, 1);
-    };
-    auto scan = [&]() {
-      const int slot = int(scanned++ & (kRing - 1));
-      const uint32_t first = ring_begin[slot], last = ring_end[slot];
-      if (first == last) return;
-      stats.candidates += last - first;
-      ctx.first = first;
-      scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
-                  &Context::on_hit, &ctx);
-    };
-    for_each_mask(radius, first_mask, end_mask, [&](uint32_t mask) {
-      const uint32_t key = key0 ^ mask;
-      ring_key[enumerated++ & (kRing - 1)] = key;
-      __builtin_prefetch(tb.offsets.data() + key);
-      if (enumerated - located > kKeyAhead) locate();
-      if (located - scanned > kBucketAhead) scan();
-    });
-    while (located < enumerated) {
-      locate();
-      if (located - scanned > kBucketAhead) scan();
+    const bool packed = tb.rest_bytes > 0;
+    const size_t code_bytes = packed ? size_t(tb.rest_bytes) : size_t(words) * 8;
+    const char* base = packed ? reinterpret_cast<const char*>(tb.rest.data()) : reinterpret_cast<const char*>(codes);
+    const uint64_t q_rest_here = q_rest[size_t(table)];
+    for (uint64_t rank = first_mask; rank < end_mask;) {
+      const int count = int(std::min<uint64_t>(kBlock, end_mask - rank));
+      int e = 0;
+      for_each_mask(radius, rank, rank + uint64_t(count), [&](uint32_t mask) {
+        keys[e] = key0 ^ mask;
+        __builtin_prefetch(tb.offsets.data() + keys[e++]);
+      });
+      rank += uint64_t(count);
+      for (int j = 0; j < count; ++j) {
+        begin[j] = tb.offsets[keys[j]];
+        end[j] = tb.offsets[keys[j] + 1];
+      }
+      // The prefetch cursor: bucket pf, byte offset pf_at (line aligned) into the code array.
+      int pf = 0;
+      size_t pf_at = size_t(begin[0]) * code_bytes & ~size_t(63);
+      auto prefetch_lines = [&](int64_t lines) {
+        while (lines > 0 && pf < count) {
+          if (pf_at >= size_t(end[pf]) * code_bytes) {
+            if (++pf < count) pf_at = size_t(begin[pf]) * code_bytes & ~size_t(63);
+            continue;
+          }
+          __builtin_prefetch(base + pf_at, 0, 1);
+          pf_at += 64;
+          --lines;
+        }
+      };
+      prefetch_lines(kLinesAhead);
+      for (int j = 0; j < count; ++j) {
+        const uint32_t first = begin[j], last = end[j];
+        if (first == last) continue;
+        prefetch_lines(int64_t((size_t(last) * code_bytes + 63) / 64 - size_t(first) * code_bytes / 64));
+        stats.candidates += last - first;
+        ctx.first = first;
+        if (packed) {
+          // Every code here is exactly `radius` bits off the query on this table's substring.
+          ctx.key = keys[j];
+          scan_rest(tb.rest.data() + size_t(first) * code_bytes, int64_t(last - first), tb.rest_bytes, q_rest_here,
+                    radius, bound, &Context::on_rest_hit, &ctx);
+        } else {
+          scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
+                      &Context::on_hit, &ctx);
+        }
+      }
+      stats.buckets += count;
     }
-    while (scanned < located) scan();
-    stats.buckets += enumerated;
   }
 
   using ScanBucket = void (*)(const uint64_t*, int64_t, const uint64_t*, int, const int32_t*,
@@ -228,6 +279,15 @@ struct Probe {
   static ScanBucket pick_scan_bucket() {
     return std::string(hamming_isa()) == "avx2" ? &mih_detail::scan_bucket_scalar
                                                  : &mih_detail::scan_bucket_avx512;
+  }
+
+  using ScanRest = void (*)(const uint8_t*, int64_t, int, uint64_t, int32_t, const int32_t*, mih_detail::BucketHit,
+                            void*);
+  ScanRest scan_rest = pick_scan_rest();
+
+  static ScanRest pick_scan_rest() {
+    return std::string(hamming_isa()) != "avx2" && mih_detail::cpu_has_avx512_vbmi() ? &mih_detail::scan_rest_avx512
+                                                                                     : &mih_detail::scan_rest_scalar;
   }
 };
 
@@ -243,6 +303,17 @@ void mih_detail::scan_bucket_scalar(const uint64_t* codes, int64_t count, const 
                                     const int32_t* bound, BucketHit hit, void* ctx) {
   for (int64_t i = 0; i < count; ++i) {
     const int32_t d = distance(codes + i * words, q, words);
+    if (d <= *bound) hit(ctx, i, d);
+  }
+}
+
+void mih_detail::scan_rest_scalar(const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base,
+                                  const int32_t* bound, BucketHit hit, void* ctx) {
+  const uint64_t keep = low_bits(8 * stride);
+  for (int64_t i = 0; i < count; ++i) {
+    uint64_t v;
+    std::memcpy(&v, rest + i * stride, 8);  // the padding after the last remainder makes this safe
+    const int32_t d = base + __builtin_popcountll((v & keep) ^ q_rest);
     if (d <= *bound) hit(ctx, i, d);
   }
 }
@@ -263,7 +334,7 @@ void huge_page_free(void* p) noexcept { std::free(p); }
 size_t MihTables::memory_bytes() const {
   size_t bytes = 0;
   for (const auto& tb : tables)
-    bytes += tb.offsets.size() * 4 + tb.positions.size() * 4 + tb.codes.size() * 8;
+    bytes += tb.offsets.size() * 4 + tb.positions.size() * 4 + tb.codes.size() * 8 + tb.rest.size();
   return bytes;
 }
 
@@ -315,25 +386,43 @@ std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par)
     for (size_t v = 0; v < buckets; ++v) tb.offsets[v + 1] += tb.offsets[v];
     std::vector<uint32_t> cursor(tb.offsets.begin(), tb.offsets.end() - 1);
     tb.positions.resize(size_t(p.n));
-    tb.codes.resize(size_t(p.n) * size_t(words));
+    // Packed remainders need at most 7 bytes (8 of them fill one vector); wider ones stay whole.
+    const bool pack = words == 1 && bits - tb.bits <= 56;
+    if (pack) {
+      tb.rest_bytes = std::max(1, (bits - tb.bits + 7) / 8);
+      tb.rest.assign(size_t(p.n) * size_t(tb.rest_bytes) + 64, 0);
+    } else {
+      tb.codes.resize(size_t(p.n) * size_t(words));
+    }
     for (int64_t j = 0; j < p.n; ++j) {
       const uint64_t* code = all.data() + j * words;
       const uint32_t e = cursor[substring_of(code, tb.first_bit, tb.bits)]++;
       tb.positions[e] = uint32_t(j);
-      std::copy(code, code + words, tb.codes.data() + size_t(e) * size_t(words));
+      if (pack) {
+        const uint64_t r = rest_of(code[0], tb.first_bit, tb.bits);
+        std::memcpy(tb.rest.data() + size_t(e) * size_t(tb.rest_bytes), &r, size_t(tb.rest_bytes));
+      } else {
+        std::copy(code, code + words, tb.codes.data() + size_t(e) * size_t(words));
+      }
     }
   });
   return t;
 }
 
-void run_mih_knn(const MihKnnParams& p, Parallel& par) {
+void run_mih_knn(const MihKnnParams& p, Parallel& pool) {
   const MihTables& t = *p.tables;
   if (p.k < 1 || p.k > t.n) throw std::invalid_argument("mih knn: k must be in [1, n]");
   const Labels labels{p.ids, p.ids == nullptr || p.ids_ascending};
   const int m = int(t.tables.size());
   const int max_distance = t.code_bytes * 8;
-  const int threads = std::max(1, par.threads());
   if (p.nq == 0) return;
+  // One query runs on the calling thread. Sharing it costs a wake-up of and a wait for the other
+  // threads on every call, and probes past the end while they agree that they are done; on the
+  // 2-core development machine (shared with other work) a query split over 2 threads was slower
+  // at every percentile (10M 64-bit codes, k=10: 10th percentile 283 us against 213 us).
+  Serial serial(nullptr, 0);
+  Parallel& par = p.nq == 1 ? static_cast<Parallel&>(serial) : pool;
+  const int threads = std::max(1, par.threads());
 
   // Probing goes in stages s = radius * m + table. Once stages 0..s are done, every code within
   // distance s has been met (a code not met yet differs in > radius bits on tables 0..table and

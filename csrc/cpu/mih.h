@@ -6,7 +6,11 @@
 //
 // Each table is a bucket array (offsets into a position list, counting-sorted by substring value)
 // and keeps a copy of the codes in bucket order, so checking a bucket's codes reads memory in
-// sequence instead of jumping around the database.
+// sequence instead of jumping around the database. For codes of at most 64 bits the copy leaves
+// out the table's own substring (every code of a bucket has the same one, at a distance from the
+// query's that the probe knows): only the rest is stored, packed in whole bytes (6 bytes a code
+// for 64-bit codes and 16-bit substrings instead of 8), since reading these runs is what a
+// search spends its time on.
 #pragma once
 
 #include <cstdint>
@@ -55,7 +59,12 @@ struct MihTables {
     int bits = 0;                    // substring width, at most kMihMaxSubstringBits
     HugeVector<uint32_t> offsets;    // [2^bits + 1]: bucket v holds entries [offsets[v], offsets[v+1])
     HugeVector<uint32_t> positions;  // [n] database positions in bucket order
-    HugeVector<uint64_t> codes;      // [n, words] the codes in bucket order
+    HugeVector<uint64_t> codes;      // [n, words] the codes in bucket order (codes over 64 bits)
+    // Codes of at most 64 bits with at most 56 bits outside this substring: those bits, low
+    // first, rest_bytes (1..7) bytes each in bucket order, then 64 bytes of padding (the scan
+    // loads whole vectors). 0: this table keeps whole codes in `codes`.
+    int rest_bytes = 0;
+    HugeVector<uint8_t> rest;
   };
   std::vector<Table> tables;
   size_t memory_bytes() const;
@@ -115,6 +124,14 @@ void scan_bucket_scalar(const uint64_t* codes, int64_t count, const uint64_t* q,
 // AVX-512 VPOPCNTDQ version for 1 or 2 words per code (mih_avx512.cpp); others use the scalar one.
 void scan_bucket_avx512(const uint64_t* codes, int64_t count, const uint64_t* q, int words, const int32_t* bound,
                         BucketHit hit, void* ctx);
+// The same over packed remainders (`stride` bytes each, 1..7, readable up to 64 bytes past the
+// last): the distance is base + popcount(rest ^ q_rest).
+void scan_rest_scalar(const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base,
+                      const int32_t* bound, BucketHit hit, void* ctx);
+// AVX-512 VBMI + VPOPCNTDQ (8 remainders per vector; mih_avx512.cpp).
+void scan_rest_avx512(const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base,
+                      const int32_t* bound, BucketHit hit, void* ctx);
+bool cpu_has_avx512_vbmi();
 }  // namespace mih_detail
 
 }  // namespace cbir::cpu

@@ -130,6 +130,35 @@ def test_mih_matches_flat_on_a_larger_database():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("substrings", [3, 4, 7])
+def test_mih_one_query_at_a_time_matches_flat(isa, substrings):
+    # The benchmark's case at a CI size: 64-bit codes sent one call at a time (the single-thread
+    # path) and in a batch, tables that keep the codes without their substring (3 and 4
+    # substrings: 42/43 and 48 bits kept, 7: 54-55), ties among planted duplicates.
+    rng = np.random.default_rng(40 + substrings)
+    n, bits = 120_000, 64
+    db = random_codes(rng, n, bits)
+    db[rng.integers(0, n, size=300)] = db[7]  # many codes at distance 0 of some queries
+    ids = rng.permutation(4 * n)[:n].astype(np.int64)  # unsorted: ties go to the smaller id
+    q = np.concatenate([db[7:8], db[100:103] ^ np.uint8(16), random_codes(rng, 8, bits)])
+    flat = HammingIndex(bits, method="flat", threads=2)
+    mih = HammingIndex(bits, method="mih", threads=2, mih_substrings=substrings)
+    flat.add(db, ids)
+    mih.add(db, ids)
+    for k in (1, 10, 100, 400):
+        fd, fi = flat.search(q, k)
+        for j in range(len(q)):
+            md, mi = mih.search(q[j : j + 1], k)
+            np.testing.assert_array_equal(md[0], fd[j])
+            np.testing.assert_array_equal(mi[0], fi[j])
+        md, mi = mih.search(q, k)
+        np.testing.assert_array_equal(md, fd)
+        np.testing.assert_array_equal(mi, fi)
+    for radius in (0, 6, 14):
+        for a, b in zip(mih.range_search(q[:3], radius), flat.range_search(q[:3], radius), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("substrings", [2, 3, 5, 8, 40])
 def test_mih_any_substring_count(substrings):
     rng = np.random.default_rng(substrings)
