@@ -27,10 +27,7 @@ from triton.compiler import ASTSource
 from cbir_engine.fileio import atomic_write
 from cbir_engine.kernels import conv, depthwise, netvlad, pool
 from cbir_engine.kernels.common import POINTER_TYPES
-
-MANIFEST_VERSION = 1
-# Triton appends these pointer parameters after the kernel's own (global and profile scratch).
-SCRATCH_PARAMS = ("global_scratch", "profile_scratch")
+from cbir_engine.kernels.manifest import MANIFEST_VERSION, SCRATCH_PARAMS
 
 
 @dataclass

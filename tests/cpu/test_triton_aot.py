@@ -85,3 +85,39 @@ def test_cli_rejects_unknown_dtype(tmp_path, capsys):
     with pytest.raises(SystemExit):
         aot.main(["--out", str(tmp_path), "--dtypes", "fp8"])
     assert "unknown dtypes" in capsys.readouterr().err
+
+
+def test_manifest_reads_back_and_packs_launch_arguments(built):
+    import ctypes
+
+    from cbir_engine.gpu.aot_launch import AotKernel, kernel_params, load_manifest, pack_args
+
+    out, _, _ = built
+    manifest = load_manifest(out)
+    entry = next(e for e in manifest["kernels"] if e["kernel"] == "conv2d_nhwc_kernel")
+    params = kernel_params(entry)
+    assert [p["name"] for p in params[:5]] == ["x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr"]
+    args: list = [0x1000, 0x2000, 0x3000, None, 0x4000] + [3] * 15 + [0.5, 6.0]
+    assert len(args) == len(params)
+    packed = pack_args(entry, args)
+    assert isinstance(packed[0], ctypes.c_void_p) and packed[0].value == 0x1000 and not packed[3].value
+    assert isinstance(packed[5], ctypes.c_int32) and packed[5].value == 3
+    assert isinstance(packed[-1], ctypes.c_float) and packed[-1].value == 6.0
+    with pytest.raises(ValueError, match="takes 22 arguments"):
+        pack_args(entry, args[:-1])
+    with pytest.raises(TypeError, match="x_ptr is a pointer"):
+        pack_args(entry, ["not a pointer", *args[1:]])
+    with pytest.raises(TypeError, match="N is i32"):
+        pack_args(entry, [*args[:5], 2.5, *args[6:]])
+    # A cubin that no longer matches its manifest entry is refused before the driver sees it.
+    tampered = dict(entry, sha256="0" * 64)
+    with pytest.raises(ValueError, match="does not match"):
+        AotKernel(None, tampered, out)
+
+
+def test_manifest_version_is_checked(tmp_path):
+    from cbir_engine.gpu.aot_launch import load_manifest
+
+    (tmp_path / "manifest.json").write_text('{"version": 99, "kernels": []}')
+    with pytest.raises(ValueError, match="version 99"):
+        load_manifest(tmp_path)
