@@ -129,6 +129,7 @@ def from_onnx(
     precision: str = "fp16",
     backend: str = "triton",
     optimize: bool = True,
+    cuda_graphs: bool = True,
 ) -> GpuEngine:
     """Imports an ONNX model (path, bytes or ModelProto), runs the graph passes and returns a
     GpuEngine. (A CPU Engine's graph cannot be reused: it drops weights it keeps prepacked.)"""
@@ -137,7 +138,9 @@ def from_onnx(
 
     graph, opset = import_model(read_model(model))
     run_passes(graph, fuse=optimize)
-    return GpuEngine(graph, device=device, precision=precision, backend=backend, opset=opset)
+    return GpuEngine(
+        graph, device=device, precision=precision, backend=backend, opset=opset, cuda_graphs=cuda_graphs
+    )
 
 
 def unsupported_nodes(graph: Graph) -> list[Node]:
