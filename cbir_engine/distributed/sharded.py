@@ -208,8 +208,15 @@ class ShardedHammingIndex:
             sel = np.flatnonzero(where == s)
             if sel.size:
                 sent[s] = a.add.remote(codes[sel], ids_a[sel])
+        dead = {}
         for s, ref in sent.items():
-            self._counts[s] = int(ray.get(ref))
+            try:
+                self._counts[s] = int(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                dead[s] = f"actor died: {type(e).__name__}"
+        if dead:  # the live shards took their codes; the caller decides what to do with the rest
+            raise ShardUnavailableError(sorted(dead), "; ".join(f"{s}: {m}" for s, m in dead.items())
+                                        + " (while adding)")
 
     def remove(self, ids: Any) -> int:
         import ray
