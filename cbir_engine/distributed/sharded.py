@@ -34,10 +34,11 @@ from cbir_engine.index.bits import check_codes, code_bytes_for
 class ShardUnavailableError(CbirError, RuntimeError):
     """One or more shards did not answer (their actors died or timed out)."""
 
-    def __init__(self, shards: Sequence[int], detail: str) -> None:
+    def __init__(self, shards: Sequence[int], detail: str, searching: bool = True) -> None:
         self.shards = tuple(shards)
+        hint = "; allow_partial=True gives the other shards' results" if searching else ""
         super().__init__(f"shard{'s' if len(self.shards) > 1 else ''} {', '.join(map(str, self.shards))} "
-                         f"did not answer ({detail}); allow_partial=True gives the other shards' results")
+                         f"did not answer ({detail}){hint}")
 
 
 class ShardedResult(NamedTuple):
@@ -216,7 +217,7 @@ class ShardedHammingIndex:
                 dead[s] = f"actor died: {type(e).__name__}"
         if dead:  # the live shards took their codes; the caller decides what to do with the rest
             raise ShardUnavailableError(sorted(dead), "; ".join(f"{s}: {m}" for s, m in dead.items())
-                                        + " (while adding)")
+                                        + "; the live shards added their codes", searching=False)
 
     def remove(self, ids: Any) -> int:
         import ray
