@@ -54,3 +54,15 @@ class ImageDecodeError(CbirError, ValueError):
 
 class IndexConsistencyError(IndexFileError):
     """An on-disk index whose metadata (SQLite) and code file disagree, or are missing a part."""
+
+
+class IndexArgumentError(CbirError, ValueError):
+    """An argument to an index call is out of range (k, radius, method, bits, ...)."""
+
+
+class DuplicateIdError(IndexArgumentError):
+    """`add` was given ids that repeat, or that the index already holds."""
+
+
+class DeviceUnavailableError(CbirError, RuntimeError):
+    """The index was asked to run on a device this machine does not have."""

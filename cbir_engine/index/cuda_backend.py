@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._errors import DeviceUnavailableError
+from ..errors import DeviceUnavailableError
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "hamming.cu"
 _lock = threading.Lock()

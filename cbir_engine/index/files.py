@@ -16,15 +16,15 @@ Layout (all integers little-endian):
         60     4  CRC-32 of bytes 0..59
     then codes uint8 [count, bits // 8] (the house bit layout), zero padding, ids int64 [count].
 
-A file is written to a temporary name in the same folder, flushed and fsynced, then renamed over
-the target (and the folder fsynced), so a crash leaves either the old file or the new one.
+A file is written by `cbir_engine.fileio.atomic_write`: to a temporary name in the same folder,
+flushed and fsynced, then renamed over the target (and the folder fsynced), so a crash leaves
+either the old file or the new one.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexFileError
+from ..fileio import atomic_write
 
 MAGIC = b"CBIRHAMI"
 VERSION = 1
@@ -83,19 +84,6 @@ def _header(bits: int, count: int, flags: int, data_crc: int) -> bytes:
     return fields + struct.pack("<I", zlib.crc32(fields) & 0xFFFFFFFF)
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some file systems do not open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_index_file(
     path: str | os.PathLike[str], bits: int, codes: np.ndarray, ids: np.ndarray, flags: int = 0
 ) -> None:
@@ -109,26 +97,13 @@ def write_index_file(
     ids_offset = _align64(HEADER_BYTES + codes.nbytes)
     padding = ids_offset - HEADER_BYTES - codes.nbytes
     header = _header(bits, count, flags, _data_crc(codes, ids, padding))
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            if codes.size:
-                f.write(memoryview(codes).cast("B"))
-            f.write(b"\0" * padding)
-            if ids.size:
-                f.write(memoryview(ids).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    parts: list[bytes | memoryview] = [header]
+    if codes.size:
+        parts.append(memoryview(codes).cast("B"))
+    parts.append(b"\0" * padding)
+    if ids.size:
+        parts.append(memoryview(ids).cast("B"))
+    atomic_write(path, parts)
 
 
 def read_index_file(

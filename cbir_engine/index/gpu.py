@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._errors import DeviceUnavailableError, IndexArgumentError
+from ..errors import DeviceUnavailableError, IndexArgumentError
 
 GPU_BACKENDS = ("triton", "cuda")
 MAX_K = 4096  # both kernels sort each query's k results in one block

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import _C
-from ..errors import DTypeError, ShapeError
-from ._errors import DuplicateIdError, IndexArgumentError
+from ..errors import DTypeError, DuplicateIdError, IndexArgumentError, ShapeError
 from .bits import check_codes, code_bytes_for
 from .files import FLAG_IDS_ASCENDING, read_index_file, write_index_file
 

@@ -203,6 +203,17 @@ def test_add_remove_and_ids():
         check_knn(other, db[10:], ids[10:], q, 20)
 
 
+def test_index_errors_are_the_shared_typed_errors():
+    import cbir_engine.errors as errors
+    import cbir_engine.index as index_pkg
+
+    for name in ("IndexArgumentError", "DuplicateIdError", "DeviceUnavailableError"):
+        assert getattr(index_pkg, name) is getattr(errors, name)
+        assert issubclass(getattr(errors, name), CbirError)
+    with pytest.raises(errors.IndexArgumentError):
+        HammingIndex(64, method="lsh")
+
+
 def test_bad_input_is_refused_clearly():
     index = HammingIndex(64)
     rng = np.random.default_rng(0)
