@@ -216,8 +216,8 @@ struct Probe {
     // the bucket bounds, then the scan. The scan reads a chain of short runs of cache lines at
     // random places (about 20 lines a bucket at the default substring width); a prefetch cursor
     // walks that chain kLinesAhead lines ahead of the scan, line by line, so a steady number of
-    // requests is in flight (whole buckets prefetched at once overflow the miss buffers in
-    // bursts and then leave them idle). Into L2 (prefetcht2): measured faster than L1 here.
+    // requests is in flight (measured faster than prefetching whole buckets some buckets ahead,
+    // which issues them in bursts). Into L2 (prefetcht2): measured faster than into L1.
     constexpr int kBlock = 256, kLinesAhead = 64;
     uint32_t keys[kBlock], begin[kBlock], end[kBlock];
     const uint64_t* codes = tb.codes.data();

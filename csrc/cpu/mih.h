@@ -9,8 +9,8 @@
 // sequence instead of jumping around the database. For codes of at most 64 bits the copy leaves
 // out the table's own substring (every code of a bucket has the same one, at a distance from the
 // query's that the probe knows): only the rest is stored, packed in whole bytes (6 bytes a code
-// for 64-bit codes and 16-bit substrings instead of 8), since reading these runs is what a
-// search spends its time on.
+// for 64-bit codes and 16-bit substrings instead of 8): fewer bytes to read in the runs a search
+// spends its time on, and a sixth less memory (401 MB instead of 481 MB at 10M codes).
 #pragma once
 
 #include <cstdint>
