@@ -319,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--networks", default=",".join(NETWORKS))
     ap.add_argument("--batches", default="1,256")
-    ap.add_argument("--backends", default="triton,cuda", help="ours: triton, cuda (cuda for resnet50 only)")
+    ap.add_argument(
+        "--backends",
+        default="triton,cuda,auto",
+        help="ours: triton, cuda, auto (all for resnet50; triton only for the others)",
+    )
     ap.add_argument(
         "--compile", default="resnet50:1", help="network:batch pairs for torch.compile, or 'none'"
     )
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     networks = [n for n in args.networks.split(",") if n]
     batches = [int(b) for b in args.batches.split(",") if b]
     backends = [b for b in args.backends.split(",") if b]
-    bad = [b for b in backends if b not in ("triton", "cuda")]
+    bad = [b for b in backends if b not in ("triton", "cuda", "auto")]
     if bad:
         ap.error(f"unknown backends {bad}")
     compile_pairs = (

@@ -49,7 +49,8 @@ def load(
     device: "cpu", or "cuda" / "cuda:N" for the GPU engine (cbir_engine.gpu.engine.GpuEngine:
         torch CUDA tensors in and out; DeviceUnavailableError where no GPU is visible).
     precision: the GPU engine's compute dtype, "fp16" (default), "bf16" or "fp32"; the CPU runs fp32.
-    gpu_backend: "triton" (default) or "cuda" (the CUDA C++ kernels) for the GPU engine.
+    gpu_backend: "triton" (default), "cuda" (the CUDA C++ kernels) or "auto" (per convolution
+        shape, the faster of the two, measured once) for the GPU engine.
     """
     from cbir_engine.graph.passes import optimize as run_passes
     from cbir_engine.onnx.importer import import_model, read_model

@@ -8,7 +8,8 @@ fused); each input shape is specialised once and lowered to a list of steps:
   (groups = channels) the depthwise kernel; MaxPool / AveragePool / GlobalAveragePool /
   GlobalMaxPool the pooling kernel; NetVLAD its three kernels. Backend "triton" (the default)
   launches the Triton kernels (cbir_engine/kernels); "cuda" calls the CUDA C++ kernels
-  (csrc/cuda) through their C ABI on torch's current stream.
+  (csrc/cuda) through their C ABI on torch's current stream; "auto" times both on each
+  convolution's shape once (cached per process) and keeps the faster, Triton for the rest.
 - Elementwise ops, Concat, the channel affine of an unfolded BatchNorm, Gemm/MatMul (cuBLAS),
   Softmax, reductions, LRN, GeM, reshapes: torch's own CUDA kernels.
 - Anything else: UnsupportedOpError at load, naming the op and the node.
@@ -25,8 +26,8 @@ On a GPU each input shape's steps are captured once into a CUDA graph (cuda_grap
 default) and replayed, so a call costs one graph launch, not one Python dispatch per kernel.
 
 Not yet here (see the issue): launching the AOT cubins from the C++ executor (the kernels are
-launched by Triton's Python launcher or through the CUDA library's C ABI), and choosing the faster
-of the two backends per layer shape by measurement.
+launched by Triton's Python launcher or through the CUDA library's C ABI), and keeping the
+"auto" choices on disk across processes.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from cbir_engine.graph.shapes import norm_axis, window_geometry
 from cbir_engine.index._errors import DeviceUnavailableError
 
 PRECISIONS = ("fp16", "bf16", "fp32")
-BACKENDS = ("triton", "cuda")
+BACKENDS = ("triton", "cuda", "auto")
 ACT_CODES = {"": 0, "Relu": 1, "Clip": 2, "LeakyRelu": 3, "Sigmoid": 4}
 
 KERNEL_OPS = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "NetVLAD"}
@@ -85,6 +86,28 @@ TORCH_OPS = (
     | {"LpNormalization", "Slice", "Split", "Pad"}
 )
 GPU_OPS = KERNEL_OPS | TORCH_OPS
+
+
+# backend="auto": the kernel chosen per convolution shape, measured once per process.
+_AUTO_CHOICES: dict[tuple, str] = {}
+
+
+def pick_fastest(candidates: dict[str, Any], timer: Callable[[Any], float]) -> tuple[str, dict[str, float]]:
+    """The name of the candidate `timer` finds fastest (the first on a tie; one that raises is
+    out), with every time (inf for those that raised). Raises the last error if all fail."""
+    times: dict[str, float] = {}
+    error: Exception | None = None
+    for name, fn in candidates.items():
+        try:
+            times[name] = float(timer(fn))
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run this shape is not chosen
+            times[name] = math.inf
+            error = e
+    best = min(times, key=lambda n: times[n])
+    if math.isinf(times[best]):
+        assert error is not None
+        raise error
+    return best, times
 
 
 def interpreting() -> bool:
@@ -194,8 +217,8 @@ class GpuEngine:
                 raise DTypeError(
                     f"model input '{name}' is {graph.values[name].dtype}; the engine runs float32 inputs"
                 )
-        if backend == "cuda" and self.device.type != "cuda":
-            raise DeviceUnavailableError("backend='cuda' runs the CUDA C++ kernels and needs a GPU")
+        if backend in ("cuda", "auto") and self.device.type != "cuda":
+            raise DeviceUnavailableError(f"backend={backend!r} runs the CUDA C++ kernels and needs a GPU")
         self.graph = graph
         self.opset = opset
         self.precision = precision
@@ -206,6 +229,7 @@ class GpuEngine:
         self._lock = threading.Lock()
         self._cuda_lib: Any = None
         self.cuda_graphs = cuda_graphs
+        self.choices: dict[str, tuple[str, dict[str, float]]] = {}  # backend="auto": node -> (kernel, ms)
         self._graphs: dict[tuple, tuple[Any, dict[str, Any], dict[str, Any]]] = {}
 
     # ---- description ----
@@ -469,7 +493,7 @@ class GpuEngine:
         x_name, y_name = node.inputs[0], node.outputs[0]
         geo = dict(stride=stride, pads=(int(pb[0]), int(pb[1])), dilation=dil)
 
-        if self.backend == "triton":
+        if self.backend in ("triton", "auto"):
             from cbir_engine.kernels import conv as tconv
             from cbir_engine.kernels import depthwise as tdw
 
@@ -485,7 +509,8 @@ class GpuEngine:
                     )
                 self._set(env, y_name, y, True)
 
-            return run
+            if self.backend == "triton":
+                return run
 
         import ctypes
 
@@ -533,7 +558,57 @@ class GpuEngine:
             self._check(rc, node)
             self._set(env, y_name, y, True)
 
-        return run_cuda
+        if self.backend == "cuda":
+            return run_cuda
+        key = (
+            "conv",
+            self.precision,
+            depthwise,
+            n,
+            h,
+            w,
+            c,
+            k,
+            kh,
+            kw,
+            stride,
+            tuple(pb),
+            dil,
+            groups,
+            act,
+            bool(res_name),
+        )
+        shapes = {x_name: (n, h, w, c), **({res_name: (n, oh, ow, k)} if res_name else {})}
+        return self._choose(node, key, {"triton": run, "cuda": run_cuda}, shapes)
+
+    def _choose(self, node: Node, key: tuple, candidates: dict[str, Step], shapes: dict[str, tuple]) -> Step:
+        """backend="auto": times each candidate once on random inputs of the layer's shapes (CUDA
+        events, median of 5 after 2 warm-ups) and keeps the fastest; choices are cached per layer
+        shape for the process, so each shape is measured once."""
+        torch = self.torch
+        name = pick = _AUTO_CHOICES.get(key)
+        if pick is None:
+            env = _Env()
+            for value, shape in shapes.items():
+                self._set(env, value, torch.randn(shape, device=self.device).to(self.dtype), True)
+
+            def timer(step: Step) -> float:
+                for _ in range(2):
+                    step(env)
+                times = []
+                for _ in range(5):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    step(env)
+                    b.record()
+                    b.synchronize()
+                    times.append(a.elapsed_time(b))
+                return sorted(times)[len(times) // 2]
+
+            name, times = pick_fastest(candidates, timer)
+            _AUTO_CHOICES[key] = name
+            self.choices[node.name or node.outputs[0]] = (name, times)
+        return candidates[name]
 
     def _lower_pool(self, g: Graph, node: Node) -> Step:
         x_shape = tuple(int(d) for d in g.values[node.inputs[0]].shape)

@@ -93,3 +93,30 @@ def test_gpu_engine_matches_cpu_engine_under_interpreter():
 
 def test_repr_and_names():
     assert GpuEngine.__doc__ and "cbir_engine.load" in GpuEngine.__doc__
+
+
+def test_auto_backend_keeps_the_faster_kernel():
+    from cbir_engine.gpu.engine import pick_fastest
+
+    times = {"triton": 2.0, "cuda": 1.5}
+    assert pick_fastest({"triton": "t", "cuda": "c"}, lambda fn: times[{"t": "triton", "c": "cuda"}[fn]]) == (
+        "cuda",
+        times,
+    )
+    assert pick_fastest({"triton": 1, "cuda": 2}, lambda fn: 1.0)[0] == "triton"  # a tie: the first
+
+    def flaky(fn):
+        if fn == "c":
+            raise RuntimeError("no kernel for this shape")
+        return 3.0
+
+    name, got = pick_fastest({"triton": "t", "cuda": "c"}, flaky)
+    assert name == "triton" and got["cuda"] == float("inf")
+    with pytest.raises(RuntimeError, match="no kernel"):
+        pick_fastest({"cuda": "c"}, flaky)
+
+
+def test_auto_backend_needs_a_gpu(tiny_onnx, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(cbir_engine.DeviceUnavailableError, match="'auto'"):
+        from_onnx(tiny_onnx, device="cpu", backend="auto")

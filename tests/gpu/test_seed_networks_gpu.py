@@ -81,3 +81,17 @@ def test_bf16_and_eager_resnet50():
     assert rel(graphed(x), eager(x)) <= 1e-6
     # another batch size specialises again
     assert graphed(x[:1]).shape[0] == 1
+
+
+def test_auto_backend_measures_and_chooses(network):
+    from cbir_engine.index.cuda_backend import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    name, onnx_bytes, x, ref = network
+    engine = cbir_engine.load(onnx_bytes, device="cuda", precision="fp16", gpu_backend="auto")
+    err = rel(engine(x), ref)
+    assert err <= TOL["fp16"], f"{name} auto fp16: {err:.3g}"
+    assert engine.choices, "no convolution was measured"
+    for kernel, times in engine.choices.values():
+        assert kernel in ("triton", "cuda") and times[kernel] == min(times.values())
