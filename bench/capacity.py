@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qps", type=float, default=100.0, help="queries per second to serve")
     ap.add_argument("--node-mem-gib", type=float, default=24.0)
     ap.add_argument("--mem-fraction", type=float, default=0.5, help="share of a node's memory for codes")
-    ap.add_argument("--meta-bytes", type=float, default=110.0,
+    ap.add_argument("--meta-bytes", type=float, default=111.0,
                     help="metadata bytes per image (SQLite row: path, size, mtime, label; measured on "
                          "the 20k-image Fashion-MNIST index)")
-    ap.add_argument("--merge-ms", type=float, default=3.0,
+    ap.add_argument("--merge-ms", type=float, default=7.0,
                     help="scatter/gather cost of one sharded search (measured on the local Ray cluster)")
     ap.add_argument("--measure-merge", action="store_true",
                     help="measure the scatter/gather cost on a local Ray cluster instead of --merge-ms")
