@@ -1,9 +1,12 @@
 """CPU inference: cbir-engine against ONNX Runtime and torch eager, interleaved in one process.
 
-For each model and batch size the three runtimes run in turn (ours, ORT, torch, ours, ...) with
-the same thread count; the table shows median times and the medians of the per-round ratios, and
-our achieved GFLOP/s against the measured FMA peak. Rows are appended to
-bench/results/cpu_models.csv.
+For each model and batch size the three runtimes run in turn with the same thread count; the
+order rotates every round and each timed run follows an idle gap (--gap-ms), because ONNX Runtime's
+and torch's worker threads keep spinning for a while after a run and would otherwise slow whichever
+runtime comes next. The table shows median times, the medians of the per-round ratios and our
+achieved GFLOP/s against the measured FMA peak; `busy` is the median share of a CPU that other
+processes used during the timed runs (a shared machine: rows with a high value are suspect). Rows
+are appended to bench/results/cpu_models.csv.
 
     python bench/bench_models.py [--models resnet50,vgg16] [--batches 1,8] [--threads 2] [--rounds 15]
 """
@@ -62,10 +65,26 @@ def onnx_file(name: str) -> tuple[Path, int]:
     return path, size
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(fields) - fields[3] - fields[4], int(mine[11]) + int(mine[12])
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
+def timed(fn, gap_s: float = 0.0) -> tuple[float, float]:
+    """Seconds of one call after an idle gap, and the CPUs other processes used meanwhile."""
+    if gap_s:
+        time.sleep(gap_s)
+    (b0, m0), t0 = _cpu_ticks(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    b1, m1 = _cpu_ticks()
+    others = max(0, (b1 - b0) - (m1 - m0)) / os.sysconf("SC_CLK_TCK")
+    return t, others / t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--gap-ms", type=float, default=50.0, help="idle time before each timed run")
     ap.add_argument("--no-torch", action="store_true", help="skip torch eager")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
@@ -89,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = _C.measure_fma_gflops(args.threads, 1.0)
     print(f"{cpu_name()}, {args.threads} threads, measured FMA peak {peak:.0f} GFLOP/s (fp32 AVX2)")
     header = (f"{'model':<14}{'batch':>6}{'ours ms':>10}{'ORT ms':>10}{'torch ms':>10}"
-              f"{'ours/ORT':>10}{'ours/torch':>12}{'GFLOP/s':>9}{'% peak':>8}")
+              f"{'ours/ORT':>10}{'ours/torch':>12}{'GFLOP/s':>9}{'% peak':>8}{'busy':>6}")
     print(header)
     rows = []
     for name in args.models.split(","):
@@ -118,17 +138,18 @@ def main(argv: list[str] | None = None) -> int:
 
             for fn in (run_ours, run_ort) + (() if module is None else (run_torch,)):
                 fn()  # warm-up: specialisation, allocation, lazy init
-            t_ours, t_ort, t_torch, r_ort, r_torch = [], [], [], [], []
-            for _ in range(args.rounds):
-                a = timed(run_ours)
-                b = timed(run_ort)
-                t_ours.append(a)
-                t_ort.append(b)
-                r_ort.append(a / b)
-                if module is not None:
-                    c = timed(run_torch)
-                    t_torch.append(c)
-                    r_torch.append(a / c)
+            runners = {"ours": run_ours, "ort": run_ort} | ({} if module is None else {"torch": run_torch})
+            times: dict[str, list[float]] = {k: [] for k in runners}
+            busy: list[float] = []
+            names = list(runners)
+            for r in range(args.rounds):
+                for key in names[r % len(names):] + names[:r % len(names)]:
+                    t, others = timed(runners[key], args.gap_ms / 1e3)
+                    times[key].append(t)
+                    busy.append(others)
+            t_ours, t_ort, t_torch = times["ours"], times["ort"], times.get("torch", [])
+            r_ort = [a / b for a, b in zip(t_ours, t_ort, strict=True)]
+            r_torch = [a / c for a, c in zip(t_ours, t_torch, strict=True)]
             flops = sum(r["flops"] for r in engine.profile(x))
             med = statistics.median(t_ours)
             gflops = flops / med / 1e9
@@ -143,12 +164,15 @@ def main(argv: list[str] | None = None) -> int:
                 "ours_over_ort": round(statistics.median(r_ort), 3),
                 "ours_over_torch": round(statistics.median(r_torch), 3) if r_torch else "",
                 "gflops": round(gflops, 1), "peak_gflops": round(peak, 1),
+                "others_busy": round(statistics.median(busy), 2),
+                "note": f"rotating order, {args.gap_ms:g} ms idle before each run",
             }
             rows.append(row)
             torch_ms = f"{row['torch_ms']:>10.1f}" if t_torch else f"{'-':>10}"
             r_t = f"{row['ours_over_torch']:>12.2f}" if r_torch else f"{'-':>12}"
             print(f"{name:<14}{batch:>6}{row['ours_ms']:>10.1f}{row['ort_ms']:>10.1f}{torch_ms}"
-                  f"{row['ours_over_ort']:>10.2f}{r_t}{gflops:>9.1f}{100 * gflops / peak:>7.0f}%",
+                  f"{row['ours_over_ort']:>10.2f}{r_t}{gflops:>9.1f}{100 * gflops / peak:>7.0f}%"
+                  f"{row['others_busy']:>6.2f}",
                   flush=True)
     if not args.no_csv:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <new>
@@ -52,10 +53,16 @@ void ThreadPool::reserve_scratch(size_t floats) {
 void ThreadPool::work(int thread) {
   cpu::TaskFn& fn = *job_;
   const int64_t n = job_n_;
-  for (;;) {
-    int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
-    if (i >= n) break;
-    fn(i, thread);
+  // Guided self-scheduling: claim a run of tasks sized to a share of what is left, so jobs of
+  // thousands of tiny tasks (Winograd transforms, packing) do not bounce the counter's cache line
+  // between cores for every task, while the last claims stay single tasks for balance.
+  const int64_t share = 4 * int64_t(nthreads_);
+  int64_t i = next_.load(std::memory_order_relaxed);
+  while (i < n) {
+    const int64_t take = std::max<int64_t>(1, (n - i) / share);
+    if (!next_.compare_exchange_weak(i, i + take, std::memory_order_relaxed)) continue;
+    for (const int64_t end = i + take; i < end; ++i) fn(i, thread);
+    i = next_.load(std::memory_order_relaxed);
   }
 }
 
