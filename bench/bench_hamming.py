@@ -17,6 +17,10 @@ stand-in for real codes, since no real image codes are available offline here).
 
     python bench/bench_hamming.py                       # the full grid (about an hour on 2 cores)
     python bench/bench_hamming.py --sizes 100000 --reps 2 --no-csv   # a quick look
+    python bench/bench_hamming.py --plot-csv   # redraw the plot from the CSV's latest rows
+
+The plot shows each configuration's latest row in the CSV, so the grid can be run in parts
+(for example one --datasets/--bits at a time) and still be plotted whole.
 """
 
 from __future__ import annotations
@@ -292,6 +296,20 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
     gc.collect()
 
 
+def latest_csv_rows(path: Path) -> list[dict]:
+    """The newest row of each (dataset, n, bits, k, nq, method) in the CSV, numbers parsed."""
+    latest: dict[tuple, dict] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key in ("n", "bits", "k", "nq", "threads"):
+                row[key] = int(row[key])
+            row["qps"] = float(row["qps"])
+            config = (row["dataset"], row["n"], row["bits"], row["k"], row["nq"], row["method"])
+            if config not in latest or row["date"] >= latest[config]["date"]:
+                latest[config] = row
+    return list(latest.values())
+
+
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -305,11 +323,14 @@ def plot(rows, path: Path) -> None:
     fig, axes = plt.subplots(
         len(modes), len(bits_list), figsize=(4.2 * len(bits_list), 3.6 * len(modes)), squeeze=False
     )
-    styles = {"ours-flat": "o-", "ours-mih": "s-", "faiss-flat": "o--", "faiss-mih": "s--"}
+    # One colour and marker per method, one line style per dataset, the same in every panel.
+    colours = {"ours-flat": "C0", "ours-mih": "C3", "faiss-flat": "C2", "faiss-mih": "C7"}
+    markers = {"ours-flat": "o", "ours-mih": "s", "faiss-flat": "o", "faiss-mih": "s"}
+    lines = {"random": "-", "lsh-clustered": ":"}
     for a, nq in enumerate(modes):
         for b, bits in enumerate(bits_list):
             ax = axes[a][b]
-            for method in styles:
+            for method in colours:
                 for ds in datasets:
                     pts = sorted(
                         (r["n"], r["qps"])
@@ -324,9 +345,11 @@ def plot(rows, path: Path) -> None:
                         ax.plot(
                             [p[0] for p in pts],
                             [p[1] for p in pts],
-                            styles[method],
+                            color=colours[method],
+                            marker=markers[method],
+                            linestyle=lines.get(ds, "--"),
+                            markerfacecolor=colours[method] if ds == "random" else "none",
                             label=f"{method} ({ds})",
-                            alpha=1.0 if ds == "random" else 0.5,
                         )
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -338,9 +361,17 @@ def plot(rows, path: Path) -> None:
             ax.set_xlabel("database size (codes)")
             ax.set_ylabel("queries per second")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Hamming search QPS ({rows[0]['machine']}, {rows[0]['threads']} threads)", fontsize=10)
-    fig.tight_layout()
+    handles: dict = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=8)
+    dates = sorted({r["date"][:16] for r in rows})
+    when = dates[0] if len(dates) == 1 else f"runs {dates[0]} to {dates[-1]}"
+    fig.suptitle(
+        f"Hamming search QPS ({rows[0]['machine']}, {rows[0]['threads']} threads; {when})", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
 
@@ -365,7 +396,13 @@ def main() -> None:
     )
     parser.add_argument("--quiet-timeout", type=float, default=30.0, help="wait at most this long (s)")
     parser.add_argument("--no-csv", action="store_true", help="print only; do not append to the CSV or plot")
+    parser.add_argument(
+        "--plot-csv", action="store_true", help="only redraw the plot from the latest CSV rows, then exit"
+    )
     args = parser.parse_args()
+    if args.plot_csv:
+        plot(latest_csv_rows(CSV_PATH), PNG_PATH)
+        return
     faiss.omp_set_num_threads(args.threads)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -411,7 +448,7 @@ def main() -> None:
         if f:
             f.close()
     if not args.no_csv and rows:
-        plot(rows, PNG_PATH)
+        plot(latest_csv_rows(CSV_PATH), PNG_PATH)
 
 
 if __name__ == "__main__":
