@@ -12,6 +12,7 @@ from typing import Any
 
 from cbir_engine.errors import (
     CbirError,
+    DeviceUnavailableError,
     DTypeError,
     IndexFileError,
     ModelFormatError,
@@ -21,7 +22,6 @@ from cbir_engine.errors import (
     UnsupportedOpError,
 )
 from cbir_engine.index import HammingIndex, pack_bits, unpack_bits
-from cbir_engine.index._errors import DeviceUnavailableError
 from cbir_engine.runtime import Engine
 
 __version__ = "0.1.0"

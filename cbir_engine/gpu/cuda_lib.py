@@ -15,7 +15,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from cbir_engine.index._errors import DeviceUnavailableError
+from cbir_engine.errors import DeviceUnavailableError
 from cbir_engine.index.cuda_backend import find_nvcc
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"

@@ -40,14 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from cbir_engine.errors import DTypeError, ShapeError, UnsupportedOpError
+from cbir_engine.errors import DeviceUnavailableError, DTypeError, ShapeError, UnsupportedOpError
 from cbir_engine.graph.ir import Graph, Node
 from cbir_engine.graph.ops import OPS, conv_geometry, full_pads, reduce_axes, slice_params, split_sizes
 from cbir_engine.graph.passes import decompose_batchnorm, propagate, run_to_fixpoint
 from cbir_engine.graph.passes.dead_nodes import remove_dead_nodes
 from cbir_engine.graph.passes.remove_identity import remove_identity
 from cbir_engine.graph.shapes import norm_axis, window_geometry
-from cbir_engine.index._errors import DeviceUnavailableError
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 BACKENDS = ("triton", "cuda", "auto")
