@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                     busy.append(others)
             t_ours, t_ort, t_torch = times["ours"], times["ort"], times.get("torch", [])
             r_ort = [a / b for a, b in zip(t_ours, t_ort, strict=True)]
-            r_torch = [a / c for a, c in zip(t_ours, t_torch, strict=True)]
+            r_torch = [a / c for a, c in zip(t_ours, t_torch, strict=True)] if t_torch else []
             flops = sum(r["flops"] for r in engine.profile(x))
             med = statistics.median(t_ours)
             gflops = flops / med / 1e9
