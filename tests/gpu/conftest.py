@@ -1,4 +1,6 @@
-"""tests/gpu: skipped unless torch sees a CUDA GPU; TF32 off so fp32 comparisons mean fp32."""
+"""tests/gpu: skipped unless torch sees a CUDA GPU. TF32 is off for the whole session (before
+module-scoped fixtures compute their references), so fp32 comparisons mean fp32: cuDNN convs use
+TF32 by default."""
 
 from __future__ import annotations
 
@@ -16,11 +18,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _no_tf32():
-    if not torch.cuda.is_available():
-        yield
-        return
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
