@@ -203,6 +203,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("weight"), "transforms and packs 3x3 conv weights for the Winograd F(4x4,3x3) path");
 
   m.def(
+      "pack_winograd2_weight",
+      [](const py::object& w_obj) {
+        check_float32(w_obj, "weight");
+        auto w = FloatArray::ensure(w_obj);
+        if (w.ndim() != 4 || w.shape(2) != 3 || w.shape(3) != 3)
+          throw py::value_error("Winograd weights must be [K, C, 3, 3]");
+        const int K = int(w.shape(0)), C = int(w.shape(1));
+        FloatArray out = aligned_array(py::ssize_t(cbir::cpu::winograd2_packed_weight_floats(K, C)));
+        cbir::cpu::pack_winograd2_weight(w.data(), K, C, out.mutable_data());
+        return out;
+      },
+      py::arg("weight"), "transforms and packs 3x3 conv weights for the Winograd F(2x2,3x3) path");
+
+  m.def(
       "pack_gemm_a",
       [](const py::object& a_obj) {
         auto a = check_float32(a_obj, "A");

@@ -38,13 +38,19 @@ REDUCE = {
     "ReduceL1": 5, "ReduceSumSquare": 6, "ReduceProd": 7,
 }
 PAD_MODE = {"constant": 0, "reflect": 1, "edge": 2, "wrap": 3}
-CONV_METHOD = {"gemm": 0, "depthwise": 1, "winograd": 2}
+CONV_METHOD = {"gemm": 0, "depthwise": 1, "winograd": 2, "winograd_f2": 3}
 
 
 def winograd_pays(c: int, k: int, oh: int, ow: int) -> bool:
     """Whether F(4x4,3x3) beats the GEMM path: enough channels to amortise the transforms and
     enough 4x4 tiles per image to fill the GEMMs."""
     return c >= 16 and k >= 16 and oh >= 12 and ow >= 12
+
+
+def winograd_f2_pays(c: int, k: int, oh: int, ow: int) -> bool:
+    """Whether F(2x2,3x3) beats the GEMM path on planes too small for F(4x4,3x3): from 4x4 up, a
+    plane gives at least 4 tiles an image, and 16 products per tile replace 36 per 2x2 outputs."""
+    return c >= 16 and k >= 16 and 4 <= oh < 12 and 4 <= ow < 12
 ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 MAX_RANK = 8
 
@@ -255,13 +261,17 @@ class Lowering:
             method = "depthwise"
         elif (self.winograd and w_const is not None
               and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)
-              and winograd_pays(C, K, y4[2], y4[3])):
-            method = "winograd"
+              and (winograd_pays(C, K, y4[2], y4[3]) or winograd_f2_pays(C, K, y4[2], y4[3]))):
+            method = "winograd" if winograd_pays(C, K, y4[2], y4[3]) else "winograd_f2"
         from cbir_engine import _C
 
         if method == "winograd":
             w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
             w_op = self.packed(w_name, "winograd_f4x3", lambda: _C.pack_winograd_weight(w4))
+            prepacked = 1
+        elif method == "winograd_f2":
+            w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
+            w_op = self.packed(w_name, "winograd_f2x3", lambda: _C.pack_winograd2_weight(w4))
             prepacked = 1
         elif method == "depthwise" or w_const is None:
             w_op = self.operand(w_name, w_raw_shape)

@@ -24,4 +24,12 @@ size_t winograd_scratch_floats(const Conv2dParams& p, int threads);
 // p.w is the pack_winograd_weight output; `workspace` has winograd_workspace_floats floats.
 void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par);
 
+// F(2x2, 3x3) for small planes (7x7, 8x8), where 4x4 tiles are too few to fill a GEMM panel:
+// 16 GEMMs over 2x2 output tiles. Same contract as the F(4x4, 3x3) functions above.
+size_t winograd2_packed_weight_floats(int K, int C);
+void pack_winograd2_weight(const float* w, int K, int C, float* out);
+size_t winograd2_workspace_floats(const Conv2dParams& p);
+size_t winograd2_scratch_floats(const Conv2dParams& p, int threads);
+void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par);
+
 }  // namespace cbir::cpu

@@ -26,7 +26,7 @@ namespace {
 
 using cpu::Act;
 
-enum class ConvMethod : int { Gemm = 0, Depthwise = 1, Winograd = 2 };
+enum class ConvMethod : int { Gemm = 0, Depthwise = 1, Winograd = 2, Winograd2 = 3 };
 
 class ConvStep final : public Step {
  public:
@@ -44,12 +44,14 @@ class ConvStep final : public Step {
       case ConvMethod::Gemm: cpu::run_conv2d(p_, par); break;
       case ConvMethod::Depthwise: cpu::run_depthwise_conv2d(p_, par); break;
       case ConvMethod::Winograd: cpu::run_winograd_conv3x3(p_, workspace_, par); break;
+      case ConvMethod::Winograd2: cpu::run_winograd2_conv3x3(p_, workspace_, par); break;
     }
   }
   size_t scratch_floats(int threads) const override {
     switch (method_) {
       case ConvMethod::Gemm: return cpu::conv2d_scratch_floats(p_, threads);
       case ConvMethod::Winograd: return cpu::winograd_scratch_floats(p_, threads);
+      case ConvMethod::Winograd2: return cpu::winograd2_scratch_floats(p_, threads);
       default: return 0;
     }
   }
@@ -57,6 +59,7 @@ class ConvStep final : public Step {
     switch (method_) {
       case ConvMethod::Gemm: return cpu::conv2d_workspace_floats(p_, threads);
       case ConvMethod::Winograd: return cpu::winograd_workspace_floats(p_);
+      case ConvMethod::Winograd2: return cpu::winograd2_workspace_floats(p_);
       default: return 0;
     }
   }
@@ -88,16 +91,17 @@ std::unique_ptr<Step> make_conv2d(Args& a) {
   const bool prepacked = a.i() != 0;
   p.act_a = a.f(), p.act_b = a.f();
   if (p.groups <= 0 || p.C % p.groups || p.K % p.groups) a.fail("bad groups");
-  if (method_id < 0 || method_id > 2) a.fail("unknown conv method");
+  if (method_id < 0 || method_id > 3) a.fail("unknown conv method");
   const auto method = ConvMethod(method_id);
   p.x = a.need(0), p.w = a.need(1), p.bias = a.p(2), p.residual = a.p(3), p.y = a.need(4);
   const int64_t wn = a.t(1).numel();
   const int64_t raw = int64_t(p.K) * (p.C / p.groups) * p.KH * p.KW;
   int64_t want = raw;
-  if (method == ConvMethod::Winograd) {
+  if (method == ConvMethod::Winograd || method == ConvMethod::Winograd2) {
     if (p.KH != 3 || p.KW != 3 || p.SH != 1 || p.SW != 1 || p.DH != 1 || p.DW != 1 || p.groups != 1 || !prepacked)
       a.fail("Winograd needs a prepacked 3x3 stride-1 undilated ungrouped conv");
-    want = int64_t(cpu::winograd_packed_weight_floats(p.K, p.C));
+    want = int64_t(method == ConvMethod::Winograd ? cpu::winograd_packed_weight_floats(p.K, p.C)
+                                                  : cpu::winograd2_packed_weight_floats(p.K, p.C));
   } else if (method == ConvMethod::Gemm && prepacked) {
     want = int64_t(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
   }

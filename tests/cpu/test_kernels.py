@@ -321,13 +321,19 @@ WINOGRAD_CASES = [
     (1, 128, 14, 14, 59, [1, 1, 1, 1]),
     (3, 32, 15, 17, 32, [2, 0, 1, 1]),
     (1, 300, 14, 13, 20, [1, 1, 1, 1]),  # input channels span two K blocks of the GEMMs
+    # F(2x2,3x3) on small planes: odd sizes (partial 2x2 tiles), batch, several K blocks
+    (1, 64, 7, 7, 64, [1, 1, 1, 1]),
+    (3, 17, 9, 5, 23, [1, 1, 1, 1]),
+    (2, 300, 8, 8, 16, [0, 1, 2, 1]),
+    (1, 16, 6, 13, 59, [0, 0, 0, 0]),
 ]
 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: f"{c}")
 @pytest.mark.parametrize("fused", [False, True])
 def test_winograd_conv3x3(case, fused: bool) -> None:
-    """F(4x4,3x3) against the reference and against the GEMM path, epilogue included."""
+    """Winograd (F(4x4,3x3), or F(2x2,3x3) on small planes) against the reference and against the
+    GEMM path, epilogue included."""
     from onnx import TensorProto, helper, numpy_helper
 
     n, c, h, w, k, pads = case
@@ -351,7 +357,8 @@ def test_winograd_conv3x3(case, fused: bool) -> None:
     wino = cbir_engine.load(model.SerializeToString())
     gemm = cbir_engine.load(model.SerializeToString(), winograd=False)
     plan = wino.plan_for({k_: v.shape for k_, v in feeds.items()})
-    assert plan.steps[0].label.startswith("conv2d/winograd")
+    small = min(h + pads[0] + pads[2], w + pads[1] + pads[3]) - 2 < 12
+    assert plan.steps[0].label.startswith("conv2d/winograd_f2 " if small else "conv2d/winograd ")
     assert ("+residual +relu" in plan.steps[0].label) == fused
     got, base = wino.run(feeds)[out], gemm.run(feeds)[out]
     ref = reference(model, feeds)[0]

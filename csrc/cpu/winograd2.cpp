@@ -1,0 +1,218 @@
+// Winograd F(2x2, 3x3): the small-plane companion of the F(4x4, 3x3) path. At 7x7 or 8x8 outputs
+// (the last stage of ResNet, GoogLeNet, Inception v3, DenseNet at batch 1) a 4x4-tile transform
+// leaves only 4 tiles, too few to fill a GEMM panel of 16 columns; 2x2 tiles give 16 and still
+// cut the multiplies 2.25x against the direct GEMM (whose 49 columns waste most of a panel).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "cpu/gemm.h"
+#include "cpu/winograd.h"
+
+namespace cbir::cpu {
+namespace {
+
+constexpr int A4 = 4;          // transformed tile side (2 + 3 - 1)
+constexpr int XI = A4 * A4;    // 16 transformed positions
+constexpr int NR = kGemmNR;
+constexpr size_t kChunkFloats = size_t(1) << 20;  // transformed input + output of one chunk
+
+struct Tiling {
+  int th, tw;
+  int64_t total, chunk;
+};
+
+Tiling tiling(const Conv2dParams& p) {
+  Tiling t;
+  t.th = (p.OH + 1) / 2;
+  t.tw = (p.OW + 1) / 2;
+  t.total = int64_t(p.N) * t.th * t.tw;
+  const size_t per_tile = size_t(XI) * size_t(p.C + p.K);
+  int64_t chunk = int64_t(std::max<size_t>(NR, kChunkFloats / per_tile));
+  chunk = (chunk + NR - 1) / NR * NR;
+  t.chunk = std::min<int64_t>(chunk, t.total);
+  return t;
+}
+
+GemmParams chunk_gemm(const Conv2dParams& p, int64_t tiles, const float* v, float* m) {
+  const int64_t padded = (tiles + NR - 1) / NR * NR;
+  GemmParams g;
+  g.M = p.K;
+  g.N = int(tiles);
+  g.K = p.C;
+  g.batch = XI;
+  g.a_packed = p.w;
+  g.a_packed_bs = int64_t(packed_a_floats(p.K, p.C));
+  g.b_packed = v;
+  g.b_packed_bs = int64_t(p.C) * padded;
+  g.c = m;
+  g.ldc = tiles;
+  g.c_bs = int64_t(p.K) * tiles;
+  return g;
+}
+
+// B^T d for one column (d0..d3) of 8 tiles: B^T rows [1 0 -1 0] [0 1 1 0] [0 -1 1 0] [0 1 0 -1].
+inline void bt4(const __m256 d[4], __m256 o[4]) {
+  o[0] = _mm256_sub_ps(d[0], d[2]);
+  o[1] = _mm256_add_ps(d[1], d[2]);
+  o[2] = _mm256_sub_ps(d[2], d[1]);
+  o[3] = _mm256_sub_ps(d[1], d[3]);
+}
+
+// A^T m for one column: A^T rows [1 1 1 0] [0 1 -1 -1].
+inline void at4(const __m256 m[4], __m256 o[2]) {
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], m[1]), m[2]);
+  o[1] = _mm256_sub_ps(_mm256_sub_ps(m[1], m[2]), m[3]);
+}
+
+inline float act1(Act act, float v, float a, float b) {
+  switch (act) {
+    case Act::None: return v;
+    case Act::Relu: return v > 0.0f ? v : 0.0f;
+    case Act::Clip: return std::min(b, std::max(a, v));
+    case Act::LeakyRelu: return v < 0.0f ? v * a : v;
+    case Act::Sigmoid: return 1.0f / (1.0f + std::exp(-v));
+  }
+  return v;
+}
+
+}  // namespace
+
+size_t winograd2_packed_weight_floats(int K, int C) { return size_t(XI) * packed_a_floats(K, C); }
+
+void pack_winograd2_weight(const float* w, int K, int C, float* out) {
+  static const double G[A4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  std::vector<float> u(size_t(XI) * K * C);
+  for (int k = 0; k < K; ++k)
+    for (int c = 0; c < C; ++c) {
+      const float* g = w + (int64_t(k) * C + c) * 9;
+      double t[A4][3];
+      for (int i = 0; i < A4; ++i)
+        for (int j = 0; j < 3; ++j) t[i][j] = G[i][0] * g[j] + G[i][1] * g[3 + j] + G[i][2] * g[6 + j];
+      for (int i = 0; i < A4; ++i)
+        for (int j = 0; j < A4; ++j)
+          u[(size_t(i * A4 + j) * K + k) * C + c] = float(t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2]);
+    }
+  const size_t stride = packed_a_floats(K, C);
+  for (int xi = 0; xi < XI; ++xi) pack_a(u.data() + size_t(xi) * K * C, C, 1, K, C, out + xi * stride);
+}
+
+size_t winograd2_workspace_floats(const Conv2dParams& p) {
+  const Tiling t = tiling(p);
+  const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
+  return size_t(XI) * size_t(p.C + p.K) * tiles;
+}
+
+size_t winograd2_scratch_floats(const Conv2dParams& p, int threads) {
+  const Tiling t = tiling(p);
+  return gemm_scratch_floats(chunk_gemm(p, t.chunk, nullptr, nullptr), threads);
+}
+
+void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
+  const Tiling t = tiling(p);
+  const int64_t per_image = int64_t(t.th) * t.tw;
+  const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
+  const int64_t max_padded = (t.chunk + NR - 1) / NR * NR;
+  float* V = workspace;                                  // [16][tiles/16][C][16] (packed B)
+  float* M = workspace + size_t(XI) * p.C * max_padded;  // [16][K][tiles]
+
+  for (int64_t t0 = 0; t0 < t.total; t0 += t.chunk) {
+    const int64_t tiles = std::min(t.chunk, t.total - t0);
+    const int64_t padded = (tiles + NR - 1) / NR * NR;
+    const int64_t groups = padded / 8;
+    const int64_t xi_stride = int64_t(p.C) * padded;
+    // 1. Input transform: 8 tiles of one channel per task, each 4x4 patch gathered lane-wise
+    //    (zeros outside the image and for the padding tiles), written into packed-B panels.
+    auto in_task = [&](int64_t task, int) {
+      const int c = int(task % p.C);
+      const int64_t g = task / p.C;
+      alignas(32) float patch[XI][8];
+      for (int lane = 0; lane < 8; ++lane) {
+        const int64_t j = g * 8 + lane;
+        if (j >= tiles) {
+          for (int e = 0; e < XI; ++e) patch[e][lane] = 0.0f;
+          continue;
+        }
+        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
+        const int y0 = int(r / t.tw) * 2 - p.PT, x0 = int(r % t.tw) * 2 - p.PL;
+        const float* x = p.x + (n * p.C + c) * in_plane;
+        for (int i = 0; i < A4; ++i) {
+          const int yy = y0 + i;
+          const bool row_in = yy >= 0 && yy < p.H;
+          for (int k = 0; k < A4; ++k) {
+            const int xx = x0 + k;
+            patch[i * A4 + k][lane] = row_in && xx >= 0 && xx < p.W ? x[int64_t(yy) * p.W + xx] : 0.0f;
+          }
+        }
+      }
+      __m256 tmp[A4][A4], v[XI];
+      for (int k = 0; k < A4; ++k) {  // columns: B^T d
+        const __m256 col[4] = {_mm256_load_ps(patch[k]), _mm256_load_ps(patch[4 + k]),
+                               _mm256_load_ps(patch[8 + k]), _mm256_load_ps(patch[12 + k])};
+        __m256 o[4];
+        bt4(col, o);
+        for (int i = 0; i < A4; ++i) tmp[i][k] = o[i];
+      }
+      for (int i = 0; i < A4; ++i) {  // rows: (B^T d) B
+        __m256 o[4];
+        bt4(tmp[i], o);
+        for (int k = 0; k < A4; ++k) v[i * A4 + k] = o[k];
+      }
+      const int k0 = c / kGemmKC * kGemmKC, kc = std::min(kGemmKC, p.C - k0);
+      float* out = V + padded * k0 + (g * 8 / NR) * int64_t(kc) * NR + int64_t(c - k0) * NR + (g * 8) % NR;
+      for (int xi = 0; xi < XI; ++xi) _mm256_storeu_ps(out + xi * xi_stride, v[xi]);
+    };
+    par.run(int64_t(p.C) * groups, in_task);
+    // 2. The 16 GEMMs.
+    run_gemm(chunk_gemm(p, tiles, V, M), par);
+    // 3. Output transform with the epilogue: 8 tiles of one output channel per task.
+    const int64_t out_groups = (tiles + 7) / 8;
+    auto out_task = [&](int64_t task, int) {
+      const int k = int(task % p.K);
+      const int64_t g = task / p.K;
+      const int lanes = int(std::min<int64_t>(8, tiles - g * 8));
+      const float* src = M + int64_t(k) * tiles + g * 8;
+      alignas(32) float buf[8];
+      __m256 m[XI];
+      for (int xi = 0; xi < XI; ++xi) {
+        const float* s = src + int64_t(xi) * p.K * tiles;
+        if (lanes == 8) {
+          m[xi] = _mm256_loadu_ps(s);
+        } else {
+          for (int l = 0; l < 8; ++l) buf[l] = l < lanes ? s[l] : 0.0f;
+          m[xi] = _mm256_load_ps(buf);
+        }
+      }
+      __m256 tmp[2][A4], y[2][2];
+      for (int j = 0; j < A4; ++j) {
+        const __m256 col[4] = {m[j], m[4 + j], m[8 + j], m[12 + j]};
+        __m256 o[2];
+        at4(col, o);
+        tmp[0][j] = o[0], tmp[1][j] = o[1];
+      }
+      for (int i = 0; i < 2; ++i) at4(tmp[i], y[i]);
+      alignas(32) float yv[2][2][8];
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) _mm256_store_ps(yv[i][j], y[i][j]);
+      const float bias = p.bias ? p.bias[k] : 0.0f;
+      for (int lane = 0; lane < lanes; ++lane) {
+        const int64_t tile = t0 + g * 8 + lane, n = tile / per_image, r = tile % per_image;
+        const int oy = int(r / t.tw) * 2, ox = int(r % t.tw) * 2;
+        float* out = p.y + (n * p.K + k) * out_plane;
+        const float* res = p.residual ? p.residual + (n * p.K + k) * out_plane : nullptr;
+        for (int i = 0; i < 2 && oy + i < p.OH; ++i)
+          for (int j = 0; j < 2 && ox + j < p.OW; ++j) {
+            const int64_t o = int64_t(oy + i) * p.OW + ox + j;
+            float v = yv[i][j][lane] + bias;
+            if (res) v += res[o];
+            out[o] = act1(p.act, v, p.act_a, p.act_b);
+          }
+      }
+    };
+    par.run(int64_t(p.K) * out_groups, out_task);
+  }
+}
+
+}  // namespace cbir::cpu
