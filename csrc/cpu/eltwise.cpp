@@ -121,10 +121,17 @@ void run_binary(const BinaryParams& p, Parallel& par) {
   for (int d = 0; d + 1 < r; ++d) rows *= p.shape[d];
   if (rows * inner == 0) return;
   const int64_t sa = r ? p.a_strides[r - 1] : 0, sb = r ? p.b_strides[r - 1] : 0;
+  // Tasks of whole rows, or of kGrain-long pieces of a row when rows are long (a same-shape add
+  // collapses to one row, which would otherwise run on one thread).
   const int64_t rows_per_task = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
-  const int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
+  const int64_t pieces = inner > kGrain ? (inner + kGrain - 1) / kGrain : 1;
+  const int64_t piece_len = (inner + pieces - 1) / pieces;
+  const int64_t tasks = pieces > 1 ? rows * pieces : (rows + rows_per_task - 1) / rows_per_task;
   auto task = [&](int64_t t, int) {
-    const int64_t r0 = t * rows_per_task, r1 = std::min(rows, r0 + rows_per_task);
+    const int64_t r0 = pieces > 1 ? t / pieces : t * rows_per_task;
+    const int64_t r1 = pieces > 1 ? r0 + 1 : std::min(rows, r0 + rows_per_task);
+    const int64_t j0 = pieces > 1 ? (t % pieces) * piece_len : 0;
+    const int64_t len = std::min(inner - j0, pieces > 1 ? piece_len : inner);
     for (int64_t row = r0; row < r1; ++row) {
       int64_t oa = 0, ob = 0, rem = row;
       for (int d = r - 2; d >= 0; --d) {
@@ -133,9 +140,9 @@ void run_binary(const BinaryParams& p, Parallel& par) {
         oa += i * p.a_strides[d];
         ob += i * p.b_strides[d];
       }
-      float* y = p.y + row * inner;
-      binary_row(p.op, inner, p.a + oa, sa, p.b + ob, sb, y);
-      apply_act(p.act, p.act_a, p.act_b, y, inner);
+      float* y = p.y + row * inner + j0;
+      binary_row(p.op, len, p.a + oa + j0 * sa, sa, p.b + ob + j0 * sb, sb, y);
+      apply_act(p.act, p.act_a, p.act_b, y, len);
     }
   };
   par.run(tasks, task);

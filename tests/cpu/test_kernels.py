@@ -168,7 +168,9 @@ def test_matmul(a_shape: tuple, b_shape: tuple, const_b: bool) -> None:
 
 
 BROADCAST = [((1,), (1,)), ((7,), ()), ((2, 3, 4, 5), (1, 3, 1, 1)), ((2, 3, 4, 5), (5,)),
-             ((3, 1, 5), (1, 4, 1)), ((1, 1023), (59, 1)), ((2, 64, 7, 7), (2, 64, 1, 1))]
+             ((3, 1, 5), (1, 4, 1)), ((1, 1023), (59, 1)), ((2, 64, 7, 7), (2, 64, 1, 1)),
+             # rows longer than a task's grain, split across tasks (same shape: one long row)
+             ((1, 64, 56, 57), (1, 64, 56, 57)), ((3, 40000), (40000,)), ((2, 33001), (2, 1))]
 
 
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min"])
