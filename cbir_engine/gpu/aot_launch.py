@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cbir_engine.kernels.manifest import MANIFEST_VERSION, SCRATCH_PARAMS
+from cbir_engine.kernels.manifest import MANIFEST_VERSION, MAX_SCRATCH_PARAMS, SCRATCH_PREFIX
 
 SCALAR_TYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u32": ctypes.c_uint32, "fp32": ctypes.c_float}
 
@@ -28,15 +28,18 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}")
     for entry in manifest["kernels"]:
+        n = entry.get("scratch_params", -1)
         names = [p["name"] for p in entry["params"]]
-        if tuple(names[-len(SCRATCH_PARAMS) :]) != SCRATCH_PARAMS:
-            raise ValueError(f"{path}: {entry['key']} does not end with Triton's scratch parameters")
+        if not 0 <= n <= MAX_SCRATCH_PARAMS or not all(
+            x.startswith(SCRATCH_PREFIX) for x in names[len(names) - n :]
+        ):
+            raise ValueError(f"{path}: {entry['key']} has no valid list of Triton's scratch parameters")
     return manifest
 
 
 def kernel_params(entry: dict[str, Any]) -> list[dict[str, str]]:
     """The kernel's own parameters (the scratch pointers the launcher adds are left out)."""
-    return entry["params"][: len(entry["params"]) - len(SCRATCH_PARAMS)]
+    return entry["params"][: len(entry["params"]) - entry["scratch_params"]]
 
 
 def pack_args(entry: dict[str, Any], args: Sequence[Any]) -> list[Any]:
@@ -88,6 +91,7 @@ class AotKernel:
             entry["num_warps"],
             entry["shared"],
             entry["global_scratch_size"],
+            entry["scratch_params"],
             ctypes.byref(handle),
         )
         if rc != 0:

@@ -155,7 +155,7 @@ def load_library(path: str | os.PathLike[str]) -> ctypes.CDLL:
         "cbir_netvlad_cuda_workspace": (sz, [pnv]),
         "cbir_netvlad_nhwc_cuda": (i, [pnv, i, p, p, p, p, p, p, sz, p]),
         "cbir_triton_driver_status": (i, []),
-        "cbir_triton_kernel_load": (i, [p, sz, ctypes.c_char_p, i, i, sz, ctypes.POINTER(p)]),
+        "cbir_triton_kernel_load": (i, [p, sz, ctypes.c_char_p, i, i, sz, i, ctypes.POINTER(p)]),
         "cbir_triton_kernel_launch": (
             i,
             [p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(p), i, p],

@@ -4,7 +4,7 @@ Each variant fixes a kernel's constexprs (tile shape, kernel size, epilogue, dty
 compiled for one GPU architecture without a GPU (`triton.compile` with a `GPUTarget`). The
 manifest gives, per cubin, what a driver-API launch needs (csrc/cuda/triton_launcher.h): the
 kernel's symbol, its run-time parameters in order (constexprs are compiled in and take no slot),
-the two scratch pointers Triton appends (pass null when their sizes are 0), num_warps
+the scratch pointers Triton appends (their count; pass null when their sizes are 0), num_warps
 (blockDim.x = 32 * num_warps) and the dynamic shared memory in bytes.
 
     python -m cbir_engine.kernels.aot --out build/cubins --arch 90
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from triton.compiler import ASTSource
 from cbir_engine.fileio import atomic_write
 from cbir_engine.kernels import conv, depthwise, netvlad, pool
 from cbir_engine.kernels.common import POINTER_TYPES
-from cbir_engine.kernels.manifest import MANIFEST_VERSION, SCRATCH_PARAMS
+from cbir_engine.kernels.manifest import MANIFEST_VERSION, MAX_SCRATCH_PARAMS, SCRATCH_PREFIX
 
 
 @dataclass
@@ -185,7 +186,10 @@ def manifest_entry(v: Variant, compiled: Any, cubin_name: str, arch: int) -> dic
     md = compiled.metadata
     sig = v.signature()
     params = [{"name": n, "type": t} for n, t in sig.items() if t != "constexpr"]
-    params += [{"name": n, "type": "*i8"} for n in SCRATCH_PARAMS]
+    scratch = entry_param_count(compiled.asm["ptx"], md.name) - len(params)
+    if not 0 <= scratch <= MAX_SCRATCH_PARAMS:
+        raise ValueError(f"{v.key}: the compiled entry has {scratch} parameters beyond the kernel's own")
+    params += [{"name": f"{SCRATCH_PREFIX}{i}", "type": "*i8"} for i in range(scratch)]
     cubin = compiled.asm["cubin"]
     return {
         "key": v.key,
@@ -198,9 +202,19 @@ def manifest_entry(v: Variant, compiled: Any, cubin_name: str, arch: int) -> dic
         "num_warps": md.num_warps,
         "num_stages": md.num_stages,
         "shared": md.shared,
-        "global_scratch_size": md.global_scratch_size,
-        "profile_scratch_size": md.profile_scratch_size,
+        "scratch_params": scratch,
+        # Older Triton versions lack these fields: their kernels use no such scratch.
+        "global_scratch_size": getattr(md, "global_scratch_size", 0) or 0,
+        "profile_scratch_size": getattr(md, "profile_scratch_size", 0) or 0,
     }
+
+
+def entry_param_count(ptx: str, name: str) -> int:
+    """How many parameters the PTX entry point `name` takes."""
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\(([^)]*)\)", ptx)
+    if m is None:
+        raise ValueError(f"no .entry {name} in the PTX")
+    return len(re.findall(r"\.param\s", m.group(1)))
 
 
 def build(variants: Iterable[Variant], out_dir: str | Path, arch: int = 90) -> dict[str, Any]:

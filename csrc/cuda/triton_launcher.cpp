@@ -54,13 +54,16 @@ struct cbir_triton_kernel {
   CUfunction function;
   unsigned block_x;
   unsigned shared_bytes;
+  int scratch_params;
 };
 
 extern "C" int cbir_triton_driver_status(void) { return driver().status; }
 
 extern "C" int cbir_triton_kernel_load(const void* cubin, size_t cubin_bytes, const char* name, int num_warps,
-                                       int shared_bytes, size_t global_scratch_bytes, cbir_triton_kernel** out) {
-  if (!cubin || cubin_bytes < 4 || !name || !*name || !out || num_warps < 1 || num_warps > 32 || shared_bytes < 0)
+                                       int shared_bytes, size_t global_scratch_bytes, int scratch_params,
+                                       cbir_triton_kernel** out) {
+  if (!cubin || cubin_bytes < 4 || !name || !*name || !out || num_warps < 1 || num_warps > 32 || shared_bytes < 0 ||
+      scratch_params < 0 || scratch_params > CBIR_TRITON_MAX_SCRATCH_PARAMS)
     return CBIR_TRITON_EINVAL;
   *out = nullptr;
   if (global_scratch_bytes != 0) return CBIR_TRITON_ESCRATCH;
@@ -77,7 +80,7 @@ extern "C" int cbir_triton_kernel_load(const void* cubin, size_t cubin_bytes, co
     d.module_unload(module);
     return int(r);
   }
-  *out = new cbir_triton_kernel{module, fn, unsigned(num_warps) * 32u, unsigned(shared_bytes)};
+  *out = new cbir_triton_kernel{module, fn, unsigned(num_warps) * 32u, unsigned(shared_bytes), scratch_params};
   return CBIR_TRITON_OK;
 }
 
@@ -88,11 +91,10 @@ extern "C" int cbir_triton_kernel_launch(const cbir_triton_kernel* k, unsigned g
     return CBIR_TRITON_EINVAL;
   const Driver& d = driver();
   if (d.status != CBIR_TRITON_OK) return d.status;
-  void* params[CBIR_TRITON_MAX_PARAMS + 2];
+  void* params[CBIR_TRITON_MAX_PARAMS + CBIR_TRITON_MAX_SCRATCH_PARAMS];
   for (int i = 0; i < nargs; ++i) params[i] = args[i];
-  CUdeviceptr global_scratch = 0, profile_scratch = 0;
-  params[nargs] = &global_scratch;
-  params[nargs + 1] = &profile_scratch;
+  CUdeviceptr scratch[CBIR_TRITON_MAX_SCRATCH_PARAMS] = {};
+  for (int i = 0; i < k->scratch_params; ++i) params[nargs + i] = &scratch[i];
   const CUresult r = d.launch_kernel(k->function, grid_x, grid_y, grid_z, k->block_x, 1, 1, k->shared_bytes,
                                      static_cast<CUstream>(stream), params, nullptr);
   return int(r);

@@ -193,10 +193,11 @@ def test_triton_launcher_without_a_driver(lib):
     handle = ctypes.c_void_p()
     cubin = ctypes.create_string_buffer(b"\x7fELF" + b"\0" * 60)
     # Argument checks come first, then the scratch refusal, then the driver.
-    assert lib.cbir_triton_kernel_load(NULL, 64, b"k", 4, 0, 0, ctypes.byref(handle)) == cuda_lib.EINVAL
-    assert lib.cbir_triton_kernel_load(cubin, 64, b"k", 0, 0, 0, ctypes.byref(handle)) == cuda_lib.EINVAL
+    assert lib.cbir_triton_kernel_load(NULL, 64, b"k", 4, 0, 0, 2, ctypes.byref(handle)) == cuda_lib.EINVAL
+    assert lib.cbir_triton_kernel_load(cubin, 64, b"k", 0, 0, 0, 2, ctypes.byref(handle)) == cuda_lib.EINVAL
+    assert lib.cbir_triton_kernel_load(cubin, 64, b"k", 4, 0, 0, 5, ctypes.byref(handle)) == cuda_lib.EINVAL
     assert (
-        lib.cbir_triton_kernel_load(cubin, 64, b"k", 4, 0, 128, ctypes.byref(handle))
+        lib.cbir_triton_kernel_load(cubin, 64, b"k", 4, 0, 128, 2, ctypes.byref(handle))
         == cuda_lib.TRITON_ESCRATCH
     )
     assert lib.cbir_triton_kernel_launch(NULL, 1, 1, 1, None, 0, NULL) == cuda_lib.EINVAL
@@ -204,7 +205,7 @@ def test_triton_launcher_without_a_driver(lib):
     if not gpu_present():
         assert lib.cbir_triton_driver_status() == cuda_lib.TRITON_ENODRIVER
         assert (
-            lib.cbir_triton_kernel_load(cubin, 64, b"k", 4, 0, 0, ctypes.byref(handle))
+            lib.cbir_triton_kernel_load(cubin, 64, b"k", 4, 0, 0, 2, ctypes.byref(handle))
             == cuda_lib.TRITON_ENODRIVER
         )
         assert b"libcuda" in lib.cbir_triton_error_string(cuda_lib.TRITON_ENODRIVER)
