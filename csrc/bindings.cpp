@@ -188,33 +188,28 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("weight"), py::arg("groups") = 1, "packs conv weights for the GEMM path");
 
-  m.def(
-      "pack_winograd_weight",
-      [](const py::object& w_obj) {
-        check_float32(w_obj, "weight");
-        auto w = FloatArray::ensure(w_obj);
-        if (w.ndim() != 4 || w.shape(2) != 3 || w.shape(3) != 3)
-          throw py::value_error("Winograd weights must be [K, C, 3, 3]");
-        const int K = int(w.shape(0)), C = int(w.shape(1));
-        FloatArray out = aligned_array(py::ssize_t(cbir::cpu::winograd_packed_weight_floats(K, C)));
-        cbir::cpu::pack_winograd_weight(w.data(), K, C, out.mutable_data());
-        return out;
-      },
-      py::arg("weight"), "transforms and packs 3x3 conv weights for the Winograd F(4x4,3x3) path");
-
-  m.def(
-      "pack_winograd2_weight",
-      [](const py::object& w_obj) {
-        check_float32(w_obj, "weight");
-        auto w = FloatArray::ensure(w_obj);
-        if (w.ndim() != 4 || w.shape(2) != 3 || w.shape(3) != 3)
-          throw py::value_error("Winograd weights must be [K, C, 3, 3]");
-        const int K = int(w.shape(0)), C = int(w.shape(1));
-        FloatArray out = aligned_array(py::ssize_t(cbir::cpu::winograd2_packed_weight_floats(K, C)));
-        cbir::cpu::pack_winograd2_weight(w.data(), K, C, out.mutable_data());
-        return out;
-      },
-      py::arg("weight"), "transforms and packs 3x3 conv weights for the Winograd F(2x2,3x3) path");
+  // Both Winograd tile sizes: [K, C, 3, 3] weights transformed and packed by `pack`.
+  auto def_winograd_pack = [&m](const char* name, size_t (*floats)(int, int),
+                                void (*pack)(const float*, int, int, float*), const char* doc) {
+    m.def(
+        name,
+        [floats, pack](const py::object& w_obj) {
+          check_float32(w_obj, "weight");
+          auto w = FloatArray::ensure(w_obj);
+          if (w.ndim() != 4 || w.shape(2) != 3 || w.shape(3) != 3)
+            throw py::value_error("Winograd weights must be [K, C, 3, 3]");
+          const int K = int(w.shape(0)), C = int(w.shape(1));
+          FloatArray out = aligned_array(py::ssize_t(floats(K, C)));
+          pack(w.data(), K, C, out.mutable_data());
+          return out;
+        },
+        py::arg("weight"), doc);
+  };
+  def_winograd_pack("pack_winograd_weight", cbir::cpu::winograd_packed_weight_floats, cbir::cpu::pack_winograd_weight,
+                    "transforms and packs 3x3 conv weights for the Winograd F(4x4,3x3) path");
+  def_winograd_pack("pack_winograd2_weight", cbir::cpu::winograd2_packed_weight_floats,
+                    cbir::cpu::pack_winograd2_weight,
+                    "transforms and packs 3x3 conv weights for the Winograd F(2x2,3x3) path");
 
   m.def(
       "pack_gemm_a",

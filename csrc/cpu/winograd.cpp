@@ -126,66 +126,56 @@ inline void output_transform8(const V8 m[XI], V8 y[4][4]) {
   for (int i = 0; i < 4; ++i) at6(t[i], y[i]);
 }
 
-struct Tiling {
-  int th, tw;          // tiles per image, down and across
-  int64_t total;       // tiles over the whole batch
-  int64_t chunk;       // tiles per chunk
-};
-
-Tiling tiling(const Conv2dParams& p) {
-  Tiling t;
-  t.th = (p.OH + 3) / 4;
-  t.tw = (p.OW + 3) / 4;
-  t.total = int64_t(p.N) * t.th * t.tw;
-  const size_t per_tile = size_t(XI) * size_t(p.C + p.K);
-  int64_t chunk = int64_t(std::max<size_t>(16, kChunkFloats / per_tile));
-  chunk = (chunk + kGemmNR - 1) / kGemmNR * kGemmNR;
-  t.chunk = std::min<int64_t>(chunk, t.total);
-  return t;
-}
-
 }  // namespace
 
 size_t winograd_packed_weight_floats(int K, int C) { return size_t(XI) * packed_a_floats(K, C); }
 
 void pack_winograd_weight(const float* w, int K, int C, float* out) {
-  static const double G[A6][3] = {{0.25, 0, 0},
-                                  {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                  {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                  {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                  {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                                  {0, 0, 1}};
-  // U[xi][k][c] = (G g G^T)[xi], then each xi packed as a K x C matrix.
-  std::vector<float> u(size_t(XI) * K * C);
+  static const double G[A6 * 3] = {0.25,      0,         0,          -1.0 / 6,  -1.0 / 6, -1.0 / 6,
+                                   -1.0 / 6,  1.0 / 6,   -1.0 / 6,   1.0 / 24,  1.0 / 12, 1.0 / 6,
+                                   1.0 / 24,  -1.0 / 12, 1.0 / 6,    0,         0,        1};
+  pack_winograd_weight_with(w, K, C, G, A6, out);
+}
+
+void pack_winograd_weight_with(const float* w, int K, int C, const double* G, int alpha, float* out) {
+  // U[xi][k][c] = (G g G^T)[xi], then each xi packed as a K x C GEMM A operand.
+  const int positions = alpha * alpha;
+  std::vector<float> u(size_t(positions) * K * C);
+  std::vector<double> t(size_t(alpha) * 3);
   for (int k = 0; k < K; ++k)
     for (int c = 0; c < C; ++c) {
       const float* g = w + (int64_t(k) * C + c) * 9;
-      double t[A6][3];
-      for (int i = 0; i < A6; ++i)
-        for (int j = 0; j < 3; ++j) t[i][j] = G[i][0] * g[j] + G[i][1] * g[3 + j] + G[i][2] * g[6 + j];
-      for (int i = 0; i < A6; ++i)
-        for (int j = 0; j < A6; ++j)
-          u[(size_t(i * A6 + j) * K + k) * C + c] = float(t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2]);
+      for (int i = 0; i < alpha; ++i)
+        for (int j = 0; j < 3; ++j)
+          t[i * 3 + j] = G[i * 3] * g[j] + G[i * 3 + 1] * g[3 + j] + G[i * 3 + 2] * g[6 + j];
+      for (int i = 0; i < alpha; ++i)
+        for (int j = 0; j < alpha; ++j)
+          u[(size_t(i * alpha + j) * K + k) * C + c] =
+              float(t[i * 3] * G[j * 3] + t[i * 3 + 1] * G[j * 3 + 1] + t[i * 3 + 2] * G[j * 3 + 2]);
     }
   const size_t stride = packed_a_floats(K, C);
-  for (int xi = 0; xi < XI; ++xi) pack_a(u.data() + size_t(xi) * K * C, C, 1, K, C, out + xi * stride);
+  for (int xi = 0; xi < positions; ++xi) pack_a(u.data() + size_t(xi) * K * C, C, 1, K, C, out + xi * stride);
 }
 
-size_t winograd_workspace_floats(const Conv2dParams& p) {
-  const Tiling t = tiling(p);
-  const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
-  return size_t(XI) * size_t(p.C + p.K) * tiles;
+WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int positions) {
+  WinogradTiling t;
+  t.th = (p.OH + out_tile - 1) / out_tile;
+  t.tw = (p.OW + out_tile - 1) / out_tile;
+  t.total = int64_t(p.N) * t.th * t.tw;
+  const size_t per_tile = size_t(positions) * size_t(p.C + p.K);
+  int64_t chunk = int64_t(std::max<size_t>(NR, kChunkFloats / per_tile));
+  chunk = (chunk + NR - 1) / NR * NR;
+  t.chunk = std::min<int64_t>(chunk, t.total);
+  return t;
 }
 
-// The chunk's 36 GEMMs: M[xi] (K x tiles) = U[xi] (K x C) * V[xi] (C x tiles), with V already
-// in packed-B panels of 16 tiles.
-static GemmParams chunk_gemm(const Conv2dParams& p, int64_t tiles, const float* v, float* m) {
+GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t tiles, const float* v, float* m) {
   const int64_t padded = (tiles + NR - 1) / NR * NR;
   GemmParams g;
   g.M = p.K;
   g.N = int(tiles);
   g.K = p.C;
-  g.batch = XI;
+  g.batch = positions;
   g.a_packed = p.w;
   g.a_packed_bs = int64_t(packed_a_floats(p.K, p.C));
   g.b_packed = v;
@@ -196,13 +186,19 @@ static GemmParams chunk_gemm(const Conv2dParams& p, int64_t tiles, const float* 
   return g;
 }
 
+size_t winograd_workspace_floats(const Conv2dParams& p) {
+  const WinogradTiling t = winograd_tiling(p, 4, XI);
+  const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
+  return size_t(XI) * size_t(p.C + p.K) * tiles;
+}
+
 size_t winograd_scratch_floats(const Conv2dParams& p, int threads) {
-  const Tiling t = tiling(p);
-  return gemm_scratch_floats(chunk_gemm(p, t.chunk, nullptr, nullptr), threads);
+  const WinogradTiling t = winograd_tiling(p, 4, XI);
+  return gemm_scratch_floats(winograd_chunk_gemm(p, XI, t.chunk, nullptr, nullptr), threads);
 }
 
 void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
-  const Tiling t = tiling(p);
+  const WinogradTiling t = winograd_tiling(p, 4, XI);
   const int64_t per_image = int64_t(t.th) * t.tw;
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   const int64_t max_padded = (t.chunk + NR - 1) / NR * NR;
@@ -261,7 +257,7 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
     };
     par.run(int64_t(p.C) * groups, in_task);
     // 2. The 36 GEMMs.
-    run_gemm(chunk_gemm(p, tiles, V, M), par);
+    run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);  // the 36 GEMMs, V in packed-B panels
     // 3. Output transform, 8 tiles per step, with the epilogue.
     const int64_t out_groups = (tiles + 7) / 8;
     auto out_task = [&](int64_t task, int) {

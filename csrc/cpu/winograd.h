@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cpu/conv.h"
+#include "cpu/gemm.h"
 #include "cpu/parallel.h"
 
 namespace cbir::cpu {
@@ -23,6 +24,18 @@ size_t winograd_workspace_floats(const Conv2dParams& p);
 size_t winograd_scratch_floats(const Conv2dParams& p, int threads);
 // p.w is the pack_winograd_weight output; `workspace` has winograd_workspace_floats floats.
 void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par);
+
+// Shared by both tile sizes. Tiles of out_tile x out_tile outputs, processed in chunks whose
+// transformed input and output stay within a bounded working set.
+struct WinogradTiling {
+  int th, tw;             // tiles per image, down and across
+  int64_t total, chunk;   // tiles over the batch, tiles per chunk
+};
+WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int positions);
+// The chunk's batched GEMMs M[xi] (K x tiles) = U[xi] (K x C) * V[xi] (C x tiles).
+GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t tiles, const float* v, float* m);
+// U = G g G^T for every (k, c), G being alpha x 3 (row-major), packed per position.
+void pack_winograd_weight_with(const float* w, int K, int C, const double* G, int alpha, float* out);
 
 // F(2x2, 3x3) for small planes (7x7, 8x8), where 4x4 tiles are too few to fill a GEMM panel:
 // 16 GEMMs over 2x2 output tiles. Same contract as the F(4x4, 3x3) functions above.

@@ -4,7 +4,6 @@
 // cut the multiplies 2.25x against the direct GEMM (whose 49 columns waste most of a panel).
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include <immintrin.h>
 
@@ -17,41 +16,6 @@ namespace {
 constexpr int A4 = 4;          // transformed tile side (2 + 3 - 1)
 constexpr int XI = A4 * A4;    // 16 transformed positions
 constexpr int NR = kGemmNR;
-constexpr size_t kChunkFloats = size_t(1) << 20;  // transformed input + output of one chunk
-
-struct Tiling {
-  int th, tw;
-  int64_t total, chunk;
-};
-
-Tiling tiling(const Conv2dParams& p) {
-  Tiling t;
-  t.th = (p.OH + 1) / 2;
-  t.tw = (p.OW + 1) / 2;
-  t.total = int64_t(p.N) * t.th * t.tw;
-  const size_t per_tile = size_t(XI) * size_t(p.C + p.K);
-  int64_t chunk = int64_t(std::max<size_t>(NR, kChunkFloats / per_tile));
-  chunk = (chunk + NR - 1) / NR * NR;
-  t.chunk = std::min<int64_t>(chunk, t.total);
-  return t;
-}
-
-GemmParams chunk_gemm(const Conv2dParams& p, int64_t tiles, const float* v, float* m) {
-  const int64_t padded = (tiles + NR - 1) / NR * NR;
-  GemmParams g;
-  g.M = p.K;
-  g.N = int(tiles);
-  g.K = p.C;
-  g.batch = XI;
-  g.a_packed = p.w;
-  g.a_packed_bs = int64_t(packed_a_floats(p.K, p.C));
-  g.b_packed = v;
-  g.b_packed_bs = int64_t(p.C) * padded;
-  g.c = m;
-  g.ldc = tiles;
-  g.c_bs = int64_t(p.K) * tiles;
-  return g;
-}
 
 // B^T d for one column (d0..d3) of 8 tiles: B^T rows [1 0 -1 0] [0 1 1 0] [0 -1 1 0] [0 1 0 -1].
 inline void bt4(const __m256 d[4], __m256 o[4]) {
@@ -83,35 +47,23 @@ inline float act1(Act act, float v, float a, float b) {
 size_t winograd2_packed_weight_floats(int K, int C) { return size_t(XI) * packed_a_floats(K, C); }
 
 void pack_winograd2_weight(const float* w, int K, int C, float* out) {
-  static const double G[A4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
-  std::vector<float> u(size_t(XI) * K * C);
-  for (int k = 0; k < K; ++k)
-    for (int c = 0; c < C; ++c) {
-      const float* g = w + (int64_t(k) * C + c) * 9;
-      double t[A4][3];
-      for (int i = 0; i < A4; ++i)
-        for (int j = 0; j < 3; ++j) t[i][j] = G[i][0] * g[j] + G[i][1] * g[3 + j] + G[i][2] * g[6 + j];
-      for (int i = 0; i < A4; ++i)
-        for (int j = 0; j < A4; ++j)
-          u[(size_t(i * A4 + j) * K + k) * C + c] = float(t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2]);
-    }
-  const size_t stride = packed_a_floats(K, C);
-  for (int xi = 0; xi < XI; ++xi) pack_a(u.data() + size_t(xi) * K * C, C, 1, K, C, out + xi * stride);
+  static const double G[A4 * 3] = {1, 0, 0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0, 0, 1};
+  pack_winograd_weight_with(w, K, C, G, A4, out);
 }
 
 size_t winograd2_workspace_floats(const Conv2dParams& p) {
-  const Tiling t = tiling(p);
+  const WinogradTiling t = winograd_tiling(p, 2, XI);
   const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
   return size_t(XI) * size_t(p.C + p.K) * tiles;
 }
 
 size_t winograd2_scratch_floats(const Conv2dParams& p, int threads) {
-  const Tiling t = tiling(p);
-  return gemm_scratch_floats(chunk_gemm(p, t.chunk, nullptr, nullptr), threads);
+  const WinogradTiling t = winograd_tiling(p, 2, XI);
+  return gemm_scratch_floats(winograd_chunk_gemm(p, XI, t.chunk, nullptr, nullptr), threads);
 }
 
 void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
-  const Tiling t = tiling(p);
+  const WinogradTiling t = winograd_tiling(p, 2, XI);
   const int64_t per_image = int64_t(t.th) * t.tw;
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   const int64_t max_padded = (t.chunk + NR - 1) / NR * NR;
@@ -166,7 +118,7 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
     };
     par.run(int64_t(p.C) * groups, in_task);
     // 2. The 16 GEMMs.
-    run_gemm(chunk_gemm(p, tiles, V, M), par);
+    run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);
     // 3. Output transform with the epilogue: 8 tiles of one output channel per task.
     const int64_t out_groups = (tiles + 7) / 8;
     auto out_task = [&](int64_t task, int) {
