@@ -131,10 +131,8 @@ def measure_merge(n: int = 1_000_000, shards: int = 4, queries: int = 200) -> fl
     one.add(codes, ids)
     qs = rng.integers(0, 256, (queries, 8), dtype=np.uint8)
     with LocalRayCluster(nodes=2, cpus_per_node=1) as cluster:
-        cluster.apply_env()
-        ray.init(**cluster.init_kwargs())
+        cluster.connect()
         try:
-            cluster.wait_for_nodes()
             sharded = ShardedHammingIndex(64, shards, cpus_per_shard=0.25)
             sharded.add(codes, ids)
             sharded.search(qs[:1], 10)

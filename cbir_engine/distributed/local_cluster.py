@@ -2,7 +2,7 @@
 tests, benchmarks and trying `cbir index --ray` without a real cluster.
 
     with LocalRayCluster(nodes=2, cpus_per_node=1) as cluster:
-        ray.init(**cluster.init_kwargs())
+        cluster.connect()            # this process becomes the driver
         ...
 
 Each node is a `ray start --block` process in a session of its own; stopping kills exactly the
@@ -72,7 +72,7 @@ class LocalRayCluster:
     """A head node plus `nodes - 1` worker nodes, each with `cpus_per_node` logical CPUs."""
 
     def __init__(self, nodes: int = 2, cpus_per_node: float = 1, object_store_mb: int = 256,
-                 start_timeout: float = 90.0) -> None:
+                 start_timeout: float = 180.0) -> None:
         if nodes < 1 or nodes > 250:
             raise ValueError(f"nodes must be in [1, 250], got {nodes}")
         self.nodes = nodes
@@ -159,6 +159,27 @@ class LocalRayCluster:
             time.sleep(0.2)
         raise ClusterStartError(f"the Ray head did not listen on {host}:{port} within "
                                 f"{self.start_timeout:.0f} s; see {self._logs[0]}")
+
+    def connect(self) -> None:
+        """Connects this process to the cluster as its driver (`apply_env`, then `ray.init`) and
+        waits for every node. The head's GCS port opens before its node has registered, and
+        `ray.init` refuses a cluster without that node: retried until `start_timeout`."""
+        import ray
+
+        self.apply_env()
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                ray.init(**self.init_kwargs())
+                break
+            except (ConnectionError, RuntimeError) as e:
+                if time.monotonic() > deadline or self._procs[0].poll() is not None:
+                    raise ClusterStartError(f"cannot connect to the Ray head at {self.address}: {e}; see "
+                                            f"the logs in {self.temp_dir}") from e
+                if ray.is_initialized():
+                    ray.shutdown()
+                time.sleep(1.0)
+        self.wait_for_nodes()
 
     def wait_for_nodes(self) -> None:
         """Blocks until every node has joined (needs `ray.init` done in this process)."""

@@ -32,9 +32,11 @@ def ray_cluster() -> Iterator[LocalRayCluster]:
     cluster = LocalRayCluster(nodes=2, cpus_per_node=1, object_store_mb=256)
     cluster.start()
     try:
-        cluster.apply_env()
-        ray.init(**cluster.init_kwargs())
-        cluster.wait_for_nodes()
+        cluster.connect()
+    except BaseException:
+        cluster.stop(keep_logs=True)  # the error names the log folder
+        raise
+    try:
         yield cluster
     finally:
         ray.shutdown()
