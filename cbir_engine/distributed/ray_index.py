@@ -308,13 +308,13 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
             fold()
             commit()
             report.interrupted = True
-        except CbirError:
+        except Exception as e:
             fold()
             commit()
-            raise
-        except Exception as e:  # Ray raises its own error types (RayTaskError, ActorDiedError, ...)
-            fold()
-            commit()
+            if isinstance(e, CbirError) and not isinstance(e, ray.exceptions.RayError):
+                raise  # our own, raised here in the driver
+            # Ray's errors (RayTaskError, ActorDiedError, ...), also those wrapping a remote
+            # CbirError: one line of what happened, and how to go on.
             raise DistributedIndexError(
                 f"distributed indexing failed after {report.added + report.updated} images were committed "
                 f"({type(e).__name__}: {_first_line(e)}); run the same command again to resume") from e
