@@ -354,9 +354,39 @@ class GpuEngine:
                 propagate(g, strict=True)
                 run_to_fixpoint(g, [decompose_batchnorm, remove_identity, remove_dead_nodes])
                 propagate(g, strict=True)
-                hit = (g, [self._lower(g, node) for node in g.nodes if not self._folded(g, node)])
+                nodes = [node for node in g.nodes if not self._folded(g, node)]
+                hit = (g, self._with_releases(g, nodes, [self._lower(g, node) for node in nodes]))
                 self._plans[key] = hit
         return hit
+
+    @staticmethod
+    def _with_releases(g: Graph, nodes: list[Node], steps: list[Step]) -> list[Step]:
+        """Each step followed by dropping the values no later step reads (graph outputs kept), so
+        memory is reused along the network instead of holding every intermediate to the end."""
+        last: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            for name in node.inputs:
+                if name:
+                    last[name] = i
+        keep = set(g.outputs)
+        drops: list[list[str]] = [[] for _ in nodes]
+        for name, i in last.items():
+            if name not in keep:
+                drops[i].append(name)
+
+        def releasing(step: Step, names: list[str]) -> Step:
+            if not names:
+                return step
+
+            def run(env: _Env) -> None:
+                step(env)
+                for name in names:
+                    env.tensors.pop(name, None)
+                    env.nhwc.discard(name)
+
+            return run
+
+        return [releasing(step, names) for step, names in zip(steps, drops, strict=True)]
 
     @staticmethod
     def _folded(g: Graph, node: Node) -> bool:
