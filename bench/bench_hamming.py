@@ -187,15 +187,20 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
     if have_mih:
         ours_mih._mih_tables()  # build outside the timed searches
     mih_build = time.perf_counter() - t
-    faiss_flat = faiss.IndexBinaryFlat(bits)
-    faiss_flat.add(db)
+    wanted = set(args.methods.split(","))
+    with_faiss = "faiss-flat" in wanted
+    faiss_flat = faiss_mih = None
     # faiss's multi-hash: the same substring width where it divides the code, nflip=2.
     fb = width if bits % width == 0 else 16
-    faiss_mih = faiss.IndexBinaryMultiHash(bits, bits // fb, fb)
-    faiss_mih.nflip = 2
-    t = time.perf_counter()
-    faiss_mih.add(db)
-    faiss_mih_build = time.perf_counter() - t
+    faiss_mih_build = 0.0
+    if with_faiss:
+        faiss_flat = faiss.IndexBinaryFlat(bits)
+        faiss_flat.add(db)
+        faiss_mih = faiss.IndexBinaryMultiHash(bits, bits // fb, fb)
+        faiss_mih.nflip = 2
+        t = time.perf_counter()
+        faiss_mih.add(db)
+        faiss_mih_build = time.perf_counter() - t
     if have_mih:
         mih_note = f"built in {mih_build:.1f}s, {mih_bytes / 2**20:.0f} MiB"
     else:
@@ -203,17 +208,22 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
     print(
         f"\n== {dataset} n={n:,} bits={bits}: "
         f"our MIH {m} substrings of ~{width} bits ({mih_note}); "
-        f"faiss multi-hash {bits // fb} x {fb} bits (added in {faiss_mih_build:.1f}s)",
+        + (
+            f"faiss multi-hash {bits // fb} x {fb} bits (added in {faiss_mih_build:.1f}s)"
+            if with_faiss
+            else "faiss not timed"
+        ),
         flush=True,
     )
 
     methods = [Method("ours-flat", None, ours_flat.search)]
     if have_mih:
         methods.append(Method("ours-mih", None, ours_mih.search))
-    methods += [
-        Method("faiss-flat", None, faiss_flat.search),
-        Method("faiss-mih", None, faiss_mih.search),
-    ]
+    if with_faiss:
+        methods += [
+            Method("faiss-flat", None, faiss_flat.search),
+            Method("faiss-mih", None, faiss_mih.search),
+        ]
 
     header = f"{'nq':>5} {'k':>4} " + " ".join(f"{mm.name + ' QPS':>15}" for mm in methods)
     header += f" {'flat/faiss':>10} {'mih/ours-flat':>13} {'faiss-mih recall':>16}"
@@ -238,15 +248,19 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
                     times[mm.name].append(sec)
                     results[mm.name] = res
             exact_d, exact_i = results["ours-flat"]
-            np.testing.assert_array_equal(exact_d, results["faiss-flat"][0])  # same distances as FAISS
+            if with_faiss:
+                np.testing.assert_array_equal(exact_d, results["faiss-flat"][0])  # same distances as FAISS
             if have_mih:
                 np.testing.assert_array_equal(results["ours-mih"][0], exact_d)  # MIH: identical results
                 np.testing.assert_array_equal(results["ours-mih"][1], exact_i)
-            approx_i = results["faiss-mih"][1]
-            recall = recall_at_k(exact_i[: len(approx_i)], approx_i)
-            ratio_faiss = statistics.median(
-                f / o for f, o in zip(times["faiss-flat"], times["ours-flat"], strict=True)
-            )
+            recall = float("nan")
+            ratio_faiss = float("nan")
+            if with_faiss:
+                approx_i = results["faiss-mih"][1]
+                recall = recall_at_k(exact_i[: len(approx_i)], approx_i)
+                ratio_faiss = statistics.median(
+                    f / o for f, o in zip(times["faiss-flat"], times["ours-flat"], strict=True)
+                )
             ratio_mih = (
                 statistics.median(f / o for f, o in zip(times["ours-flat"], times["ours-mih"], strict=True))
                 if have_mih
@@ -275,7 +289,9 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
                             f / o for f, o in zip(times["faiss-flat"], times[mm.name], strict=True)
                         ),
                         2,
-                    ),
+                    )
+                    if with_faiss
+                    else "",
                     ratio_vs_ours_flat=round(
                         statistics.median(
                             f / o for f, o in zip(times["ours-flat"], times[mm.name], strict=True)
@@ -386,6 +402,11 @@ def main() -> None:
     parser.add_argument("--nq", default="1,1000", help="1 = one query per call; N = one call with N queries")
     parser.add_argument("--single-queries", type=int, default=50, help="queries sent one at a time for nq=1")
     parser.add_argument("--datasets", default="random,lsh-clustered")
+    parser.add_argument(
+        "--methods",
+        default="ours-flat,ours-mih,faiss-flat,faiss-mih",
+        help="'ours-flat,ours-mih' leaves FAISS out (both of its indexes; ours-flat is always timed)",
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument(
