@@ -220,11 +220,19 @@ def _infer_conv(node: Node, ins: list[Value | None]) -> Out:
 
 
 def conv_reference(node: Node, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
-                   residual: np.ndarray | None = None) -> list[np.ndarray]:
-    """Direct N-D convolution in float64 (slow; for folding and tests)."""
+                   residual: np.ndarray | None = None, in_scale: np.ndarray | None = None,
+                   in_shift: np.ndarray | None = None) -> list[np.ndarray]:
+    """Direct N-D convolution in float64 (slow; for folding and tests). With in_scale/in_shift
+    (fuse_input_affine), x first becomes x * in_scale + in_shift per channel, then
+    `input_activation` (Relu) if set."""
     out, pb, pe = conv_geometry(node, x.shape, w.shape)
     a = node.attrs
     nsp = x.ndim - 2
+    if in_scale is not None and in_shift is not None:
+        shp = (1, -1) + (1,) * nsp
+        x = x.astype(np.float64) * in_scale.reshape(shp) + in_shift.reshape(shp)
+        if a.get("input_activation") == "Relu":
+            x = np.maximum(x, 0.0)
     strides = a.get("strides") or [1] * nsp
     dil = a.get("dilations") or [1] * nsp
     group = a.get("group", 1)
@@ -246,7 +254,7 @@ def conv_reference(node: Node, x: np.ndarray, w: np.ndarray, b: np.ndarray | Non
         y += b.reshape((1, -1) + (1,) * nsp)
     if residual is not None:
         y += residual
-    return [_apply_fused_act(y.astype(x.dtype), a)]
+    return [_apply_fused_act(y.astype(w.dtype), a)]
 
 
 _register("Conv", _infer_conv, conv_reference)

@@ -281,13 +281,20 @@ class Lowering:
             w_op = self.packed(w_name, f"conv_g{group}", lambda: _C.pack_conv2d_weight(w4, group))
             prepacked = 1
         act, act_a, act_b = _act(node)
+        ints = [kh, kw, sh, sw, pt, pl, dh, dw, group, act, CONV_METHOD[method], prepacked]
+        operands = [self.operand(node.inputs[0], x4), w_op, self.operand(node.input(2)),
+                    self.operand(node.input(3), y4), self.operand(node.outputs[0], y4)]
+        if node.input(4):  # fuse_input_affine: x * scale + shift (+ReLU) applied while packing
+            if method != "gemm":
+                self.fail(node, "an input affine runs only on the GEMM path")
+            ints.append(1 if node.attrs.get("input_activation") == "Relu" else 0)
+            operands += [self.operand(node.input(4), (C,)), self.operand(node.input(5), (C,))]
         self.emit(
-            node, "conv2d",
-            [kh, kw, sh, sw, pt, pl, dh, dw, group, act, CONV_METHOD[method], prepacked], [act_a, act_b],
-            [self.operand(node.inputs[0], x4), w_op, self.operand(node.input(2)),
-             self.operand(node.input(3), y4), self.operand(node.outputs[0], y4)],
+            node, "conv2d", ints, [act_a, act_b], operands,
             label=f"conv2d/{method} {kh}x{kw}/s{sh}"
                   + (f" g{group}" if group > 1 and method != "depthwise" else "")
+                  + (" +input_affine" + ("_relu" if node.attrs.get("input_activation") else "")
+                     if node.input(4) else "")
                   + (" +residual" if node.input(3) else "")
                   + _act_label(node),
             flops=2 * math.prod(y4) * (C // group) * kh * kw,

@@ -114,7 +114,48 @@ void pack_image_block(const void* vctx, int64_t batch, int k0, int kc, int n0, i
   }
 }
 
-GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx) {
+// B of a pointwise conv whose input passes through a channel affine (+ReLU) first: the affine of
+// row k (input channel k0 + k) is applied while the row is packed, so the activated input is
+// never written out.
+struct AffineCtx {
+  const float* x;
+  int64_t x_bs, plane;
+  const float *scale, *shift;
+  bool relu;
+};
+
+void pack_affine_block(const void* vctx, int64_t batch, int k0, int kc, int n0, int nc, float* dst,
+                       int64_t panel_stride) {
+  const AffineCtx& g = *static_cast<const AffineCtx*>(vctx);
+  const float* x = g.x + batch * g.x_bs;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int jp = 0; jp < nc; jp += NR) {
+    const int cols = std::min(NR, nc - jp);
+    float* panel = dst + int64_t(jp / NR) * panel_stride;
+    for (int k = 0; k < kc; ++k) {
+      const float* src = x + int64_t(k0 + k) * g.plane + n0 + jp;
+      const float s = g.scale[k0 + k], h = g.shift[k0 + k];
+      float* out = panel + int64_t(k) * NR;
+      if (cols == NR) {
+        const __m256 sv = _mm256_set1_ps(s), hv = _mm256_set1_ps(h);
+        __m256 v0 = _mm256_fmadd_ps(_mm256_loadu_ps(src), sv, hv);
+        __m256 v1 = _mm256_fmadd_ps(_mm256_loadu_ps(src + 8), sv, hv);
+        if (g.relu) v0 = _mm256_max_ps(v0, zero), v1 = _mm256_max_ps(v1, zero);
+        _mm256_storeu_ps(out, v0);
+        _mm256_storeu_ps(out + 8, v1);
+      } else {
+        int j = 0;
+        for (; j < cols; ++j) {
+          const float v = src[j] * s + h;
+          out[j] = g.relu && !(v > 0.0f) ? 0.0f : v;
+        }
+        for (; j < NR; ++j) out[j] = 0.0f;
+      }
+    }
+  }
+}
+
+GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx, AffineCtx& actx) {
   const int Cg = p.C / p.groups, Kg = p.K / p.groups;
   const int64_t out_plane = int64_t(p.OH) * p.OW;
   ctx = ImageCtx{p.x + int64_t(g) * Cg * p.H * p.W,
@@ -128,7 +169,11 @@ GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx) {
   gp.a_packed = p.w + size_t(g) * packed_a_floats(Kg, gp.K);
   const bool pointwise = p.KH == 1 && p.KW == 1 && p.SH == 1 && p.SW == 1 && p.PT == 0 &&
                          p.PL == 0 && p.OH == p.H && p.OW == p.W;
-  if (pointwise) {  // 1x1: the image already is the B matrix
+  if (pointwise && p.in_scale) {
+    actx = AffineCtx{ctx.x, ctx.x_bs, int64_t(p.H) * p.W, p.in_scale + g * Cg, p.in_shift + g * Cg, p.in_relu};
+    gp.pack_b_fn = pack_affine_block;
+    gp.pack_b_ctx = &actx;
+  } else if (pointwise) {  // 1x1: the image already is the B matrix
     gp.b = ctx.x;
     gp.b_rs = int64_t(p.H) * p.W;
     gp.b_cs = 1;
@@ -169,18 +214,21 @@ void pack_conv2d_weight(const float* w, int K, int Cg, int KH, int KW, int group
 
 size_t conv2d_scratch_floats(const Conv2dParams& p, int threads) {
   ImageCtx ctx;
-  return gemm_scratch_floats(group_gemm(p, 0, ctx), threads);
+  AffineCtx actx;
+  return gemm_scratch_floats(group_gemm(p, 0, ctx, actx), threads);
 }
 
 size_t conv2d_workspace_floats(const Conv2dParams& p, int threads) {
   ImageCtx ctx;
-  return gemm_workspace_floats(group_gemm(p, 0, ctx), threads);
+  AffineCtx actx;
+  return gemm_workspace_floats(group_gemm(p, 0, ctx, actx), threads);
 }
 
 void run_conv2d(const Conv2dParams& p, Parallel& par) {
   for (int g = 0; g < p.groups; ++g) {
     ImageCtx ctx;
-    GemmParams gp = group_gemm(p, g, ctx);
+    AffineCtx actx;
+    GemmParams gp = group_gemm(p, g, ctx, actx);
     run_gemm(gp, par);
   }
 }

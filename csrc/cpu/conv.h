@@ -24,6 +24,11 @@ struct Conv2dParams {
   Act act = Act::None;
   float act_a = 0.0f, act_b = 0.0f;
   float* workspace = nullptr;  // conv2d_workspace_floats() floats, shared by the threads
+  // Optional per-input-channel affine (+ReLU) applied to x as it is packed: a pre-activation
+  // BatchNorm+ReLU (DenseNet) folded into the 1x1 conv that reads it. Pointwise GEMM path only.
+  const float* in_scale = nullptr;
+  const float* in_shift = nullptr;
+  bool in_relu = false;
 };
 
 // Weights [K, C/groups, KH, KW] -> per-group packed GEMM A operands, back to back.

@@ -94,6 +94,14 @@ std::unique_ptr<Step> make_conv2d(Args& a) {
   if (method_id < 0 || method_id > 3) a.fail("unknown conv method");
   const auto method = ConvMethod(method_id);
   p.x = a.need(0), p.w = a.need(1), p.bias = a.p(2), p.residual = a.p(3), p.y = a.need(4);
+  if (a.has_int()) {  // an input affine (+ReLU) folded in: scale and shift are tensors 5 and 6
+    p.in_relu = a.i() != 0;
+    p.in_scale = a.need(5), p.in_shift = a.need(6);
+    const bool pointwise = p.KH == 1 && p.KW == 1 && p.SH == 1 && p.SW == 1 && p.PT == 0 && p.PL == 0 &&
+                           p.OH == p.H && p.OW == p.W;
+    if (method_id != 0 || !pointwise || a.t(5).numel() != p.C || a.t(6).numel() != p.C)
+      a.fail("an input affine needs a pointwise GEMM conv and one scale and shift per input channel");
+  }
   const int64_t wn = a.t(1).numel();
   const int64_t raw = int64_t(p.K) * (p.C / p.groups) * p.KH * p.KW;
   int64_t want = raw;

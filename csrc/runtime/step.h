@@ -24,6 +24,8 @@ class Args {
     return s_.ints[ii_++];
   }
   int i32() { return int(i()); }
+  // Whether an integer argument is left (optional trailing arguments of older plan files).
+  bool has_int() const { return ii_ < s_.ints.size(); }
   float f() {
     if (fi_ >= s_.floats.size()) fail("too few float arguments");
     return float(s_.floats[fi_++]);

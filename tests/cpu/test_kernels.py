@@ -366,3 +366,56 @@ def test_winograd_conv3x3(case, fused: bool) -> None:
     ref = reference(model, feeds)[0]
     assert rel_err(base, ref) <= 1e-5
     assert rel_err(got, ref) <= 5e-5
+
+
+@pytest.mark.parametrize("relu,residual,shape", [(True, False, (1, 7, 9, 11)), (False, True, (2, 59, 5, 5)),
+                                                 (True, True, (1, 300, 7, 7))])
+def test_input_affine_folded_into_pointwise_conv(tmp_path, relu: bool, residual: bool, shape: tuple) -> None:
+    """BN (+ReLU) -> 1x1 conv runs as one conv that applies the affine while packing its input
+    (DenseNet's pre-activation), also after a save/load of the plan; a BN with a second consumer
+    stays a node of its own."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, c, h, w = shape
+    k = 13
+    x = rand(*shape)
+    scale, bias, mean = rand(c), rand(c), rand(c)
+    var = np.abs(rand(c)) + 0.3
+    inits = [numpy_helper.from_array(a, nm) for a, nm in
+             ((scale, "s"), (bias, "b"), (mean, "m"), (var, "v"), (rand(k, c, 1, 1) / np.sqrt(c), "w"),
+              (rand(k), "cb"))]
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["bn"], epsilon=1e-3)]
+    src = "bn"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["bn"], ["act"]))
+        src = "act"
+    nodes.append(helper.make_node("Conv", [src, "w", "cb"], ["y"]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
+    feeds = {"x": x}
+    out = "y"
+    if residual:
+        nodes.append(helper.make_node("Add", ["y", "r"], ["z"]))
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [n, k, h, w]))
+        feeds["r"] = rand(n, k, h, w)
+        out = "z"
+    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    engine = cbir_engine.load(model.SerializeToString(), threads=2)
+    labels = [s.label for s in engine.plan_for({kk: v.shape for kk, v in feeds.items()}).steps]
+    assert labels == ["conv2d/gemm 1x1/s1 +input_affine" + ("_relu" if relu else "")
+                      + (" +residual" if residual else "")]
+    ref = reference(model, feeds)[0]
+    assert rel_err(engine.run(feeds)[out], ref) <= TOL["float32"]
+    path = tmp_path / "m.plan"
+    engine.save(path, {kk: v.shape for kk, v in feeds.items()})
+    assert rel_err(cbir_engine.load(path).run(feeds)[out], ref) <= TOL["float32"]
+
+    # The BN's output also leaves the graph: it must be computed, so nothing is folded.
+    graph.output.append(helper.make_tensor_value_info(src, TensorProto.FLOAT, None))
+    model2 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    e2 = cbir_engine.load(model2.SerializeToString())
+    labels2 = [s.label for s in e2.plan_for({kk: v.shape for kk, v in feeds.items()}).steps]
+    assert not any("input_affine" in lb for lb in labels2)
+    got = e2.run(feeds)
+    assert rel_err(got[out], ref) <= TOL["float32"]

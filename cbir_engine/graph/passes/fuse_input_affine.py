@@ -1,0 +1,53 @@
+"""Folds a pre-activation BatchNorm (+ReLU) into the pointwise conv that reads it.
+
+DenseNet's layers are BN -> ReLU -> 1x1 conv on the concatenated features; the BN cannot fold
+into the conv's weights because the ReLU sits between them. The conv instead applies
+x * scale + shift (and the ReLU) per input channel while it packs its input, so the activated
+tensor is never written: inputs 4 and 5 of the Conv hold scale and shift, the attribute
+`input_activation` the ReLU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cbir_engine.graph.ir import Graph, Node
+
+
+def _pointwise(conv: Node, w: np.ndarray | None) -> bool:
+    a = conv.attrs
+    return (w is not None and w.ndim == 4 and w.shape[2:] == (1, 1) and a.get("group", 1) == 1
+            and all(v == 1 for v in a.get("strides") or [1, 1])
+            and not any(a.get("pads") or [0]) and a.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
+
+
+def fuse_input_affine(g: Graph) -> bool:
+    producers = g.producers()
+    consumers = g.consumers()
+    changed = False
+    for conv in list(g.nodes):
+        if conv.op != "Conv" or len(conv.inputs) > 4 or not _pointwise(conv, g.const(conv.inputs[1])):
+            continue
+        x = conv.inputs[0]
+        bn = producers.get(x)
+        if bn is None or bn.op != "BatchNormalization" or len(bn.outputs) != 1:
+            continue
+        if bn.attrs.get("activation") not in (None, "Relu"):
+            continue
+        if len(consumers.get(x, [])) != 1 or x in g.outputs or g.values[x].dtype != np.float32:
+            continue
+        params = [g.const(i) for i in bn.inputs[1:5]]
+        if any(p is None for p in params):
+            continue
+        scale, bias, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)  # type: ignore[arg-type]
+        k = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        s_name = g.add_const(k.astype(np.float32), f"{conv.outputs[0]}_in_scale")
+        h_name = g.add_const((bias - mean * k).astype(np.float32), f"{conv.outputs[0]}_in_shift")
+        conv.inputs = [bn.inputs[0], conv.inputs[1], conv.input(2), conv.input(3), s_name, h_name]
+        if bn.attrs.get("activation") == "Relu":
+            conv.attrs["input_activation"] = "Relu"
+        g.remove_nodes([bn])
+        producers = g.producers()
+        consumers = g.consumers()
+        changed = True
+    return changed
