@@ -109,6 +109,21 @@ def pick_fastest(candidates: dict[str, Any], timer: Callable[[Any], float]) -> t
     return best, times
 
 
+def epilogue_activation(node: Node) -> tuple[int, float, float]:
+    """The fused activation of a node as the kernels take it: (code, lo, hi), where lo/hi are
+    Clip's bounds and lo is LeakyRelu's alpha."""
+    act = node.attrs.get("activation", "")
+    if act not in ACT_CODES:
+        raise UnsupportedOpError(node.op, node.origin or node.name, node.opset, f"fused activation {act}")
+    a = node.attrs.get("activation_attrs", {})
+    if act == "Clip":
+        lo, hi = a.get("min"), a.get("max")
+        return ACT_CODES[act], -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi)
+    if act == "LeakyRelu":
+        return ACT_CODES[act], float(a.get("alpha", 0.01)), 0.0
+    return ACT_CODES[act], 0.0, 0.0
+
+
 def interpreting() -> bool:
     """TRITON_INTERPRET is set (the Triton kernels then run on the CPU); read without importing triton."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -471,8 +486,6 @@ class GpuEngine:
         return self._lower_torch(g, node)
 
     def _lower_conv(self, g: Graph, node: Node) -> Step:
-        from cbir_engine.plan.lower import _act
-
         x_shape, w_shape = g.values[node.inputs[0]].shape, g.values[node.inputs[1]].shape
         if len(x_shape) != 4:
             raise UnsupportedOpError(
@@ -493,7 +506,7 @@ class GpuEngine:
         n, c, h, w = (int(d) for d in x_shape)
         k, _, kh, kw = (int(d) for d in w_shape)
         oh, ow = (int(d) for d in out)
-        act, lo, hi = _act(node)
+        act, lo, hi = epilogue_activation(node)
         depthwise = groups == c == k and c > 1
         torch = self.torch
         if depthwise:

@@ -120,3 +120,23 @@ def test_auto_backend_needs_a_gpu(tiny_onnx, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(cbir_engine.DeviceUnavailableError, match="'auto'"):
         from_onnx(tiny_onnx, device="cpu", backend="auto")
+
+
+def test_epilogue_activation_codes():
+    import math
+
+    from cbir_engine.gpu.engine import epilogue_activation
+    from cbir_engine.graph.ir import Node
+    from cbir_engine.kernels.common import ACT_CLIP, ACT_LEAKY, ACT_NONE, ACT_RELU, ACT_SIGMOID
+
+    def conv(act: str = "", **attrs) -> Node:
+        return Node("Conv", ["x", "w"], ["y"], {"activation": act, "activation_attrs": attrs} if act else {})
+
+    assert epilogue_activation(conv()) == (ACT_NONE, 0.0, 0.0)
+    assert epilogue_activation(conv("Relu")) == (ACT_RELU, 0.0, 0.0)
+    assert epilogue_activation(conv("Sigmoid"))[0] == ACT_SIGMOID
+    assert epilogue_activation(conv("Clip", min=0.0, max=6.0)) == (ACT_CLIP, 0.0, 6.0)
+    assert epilogue_activation(conv("Clip", max=6.0)) == (ACT_CLIP, -math.inf, 6.0)
+    assert epilogue_activation(conv("LeakyRelu", alpha=0.2)) == (ACT_LEAKY, 0.2, 0.0)
+    with pytest.raises(cbir_engine.UnsupportedOpError, match="fused activation Gelu"):
+        epilogue_activation(conv("Gelu"))
