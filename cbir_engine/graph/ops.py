@@ -162,9 +162,13 @@ def _infer_compare(node: Node, ins: list[Value | None]) -> Out:
 
 
 def _binary_eval(fn: Callable) -> Callable[..., list[np.ndarray]]:
-    def ev(node: Node, a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+    def ev(node: Node, a: np.ndarray, b: np.ndarray, residual: np.ndarray | None = None) -> list[np.ndarray]:
+        # `residual` (input 2, from fuse_residual_eltwise) is added before the fused activation.
         with np.errstate(all="ignore"):
-            y = np.asarray(fn(a, b)).astype(a.dtype, copy=False)
+            y = np.asarray(fn(a, b))
+            if residual is not None:
+                y = y + residual
+            y = y.astype(a.dtype, copy=False)
         return [_apply_fused_act(y, node.attrs)]
 
     return ev

@@ -492,9 +492,14 @@ class Lowering:
         if len(shape) > MAX_RANK:
             self.fail(node, f"rank {len(shape)} after merging dims (at most {MAX_RANK})")
         act, act_a, act_b = _act(node)
-        self.emit(node, "binary", [op, act, len(shape), *shape, *a_st, *b_st], [act_a, act_b],
-                  [self.operand(a_name), b_op, self.operand(node.outputs[0])],
-                  label=node.op.lower() + _act_label(node))
+        operands = [self.operand(a_name), b_op, self.operand(node.outputs[0])]
+        residual = node.input(2) if b_name is not None else ""
+        if residual:  # fuse_residual_eltwise: same shape as the output, added before the activation
+            if self.shape(residual) != tuple(out):
+                self.fail(node, "the residual must have the output's shape")
+            operands.append(self.operand(residual))
+        self.emit(node, "binary", [op, act, len(shape), *shape, *a_st, *b_st], [act_a, act_b], operands,
+                  label=node.op.lower() + (" +residual" if residual else "") + _act_label(node))
 
     def lower_Expand(self, node: Node) -> None:
         self._binary(node, BINARY["Add"], node.inputs[0], None)

@@ -142,6 +142,12 @@ void run_binary(const BinaryParams& p, Parallel& par) {
       }
       float* y = p.y + row * inner + j0;
       binary_row(p.op, len, p.a + oa + j0 * sa, sa, p.b + ob + j0 * sb, sb, y);
+      if (p.residual) {
+        const float* r = p.residual + row * inner + j0;
+        int64_t j = 0;
+        for (; j + 8 <= len; j += 8) _mm256_storeu_ps(y + j, _mm256_add_ps(_mm256_loadu_ps(y + j), _mm256_loadu_ps(r + j)));
+        for (; j < len; ++j) y[j] += r[j];
+      }
       apply_act(p.act, p.act_a, p.act_b, y, len);
     }
   };

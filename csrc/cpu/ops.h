@@ -67,6 +67,7 @@ struct BinaryParams {
   const float* a = nullptr;
   const float* b = nullptr;
   float* y = nullptr;
+  const float* residual = nullptr;  // optional, laid out like y, added before the activation
   Act act = Act::None;  // fused activation (Add+Relu of residual blocks not fused into a conv)
   float act_a = 0.0f, act_b = 0.0f;
 };

@@ -320,6 +320,10 @@ const KernelRegistrar kRegistered[] = {
          read_dims(a, p.rank, p.b_strides);
          p.act_a = a.f(), p.act_b = a.f();
          p.a = a.need(0), p.b = a.need(1), p.y = a.need(2);
+         if (a.tensors() > 3) {
+           p.residual = a.need(3);
+           if (a.t(3).numel() != a.t(2).numel()) a.fail("the residual must have the output's size");
+         }
          return simple<cpu::BinaryParams, cpu::run_binary>(p);
        }},
       {"channel_affine",

@@ -419,3 +419,22 @@ def test_input_affine_folded_into_pointwise_conv(tmp_path, relu: bool, residual:
     assert not any("input_affine" in lb for lb in labels2)
     got = e2.run(feeds)
     assert rel_err(got[out], ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 9, 11), (2, 59, 5, 5), (1, 64, 56, 57)])
+def test_excitation_scale_and_residual_in_one_step(shape: tuple) -> None:
+    """Relu(Add(Mul(x, s), r)), the tail of a squeeze-and-excitation block, runs as one step."""
+    from onnx import TensorProto, helper
+
+    n, c = shape[:2]
+    feeds = {"x": rand(*shape), "s": rand(n, c, 1, 1), "r": rand(*shape)}
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Add", ["r", "m"], ["a"]),
+             helper.make_node("Relu", ["a"], ["y"])]
+    inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in feeds.items()]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    engine = cbir_engine.load(model.SerializeToString(), threads=2)
+    labels = [s.label for s in engine.plan_for({k: v.shape for k, v in feeds.items()}).steps]
+    assert labels == ["mul +residual +relu"]
+    assert rel_err(engine.run(feeds)["y"], reference(model, feeds)[0]) <= TOL["float32"]

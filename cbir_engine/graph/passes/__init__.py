@@ -14,7 +14,7 @@ from cbir_engine.graph.passes.fuse_gem import fuse_gem
 from cbir_engine.graph.passes.fuse_input_affine import fuse_input_affine
 from cbir_engine.graph.passes.fuse_netvlad import fuse_netvlad
 from cbir_engine.graph.passes.fuse_pad import fuse_pad_into_conv
-from cbir_engine.graph.passes.fuse_residual import fuse_residual
+from cbir_engine.graph.passes.fuse_residual import fuse_residual, fuse_residual_eltwise
 from cbir_engine.graph.passes.matmul_to_gemm import matmul_add_to_gemm
 from cbir_engine.graph.passes.propagate import propagate
 from cbir_engine.graph.passes.remove_identity import remove_identity
@@ -24,7 +24,7 @@ Pass = Callable[[Graph], bool]
 SIMPLIFY: list[Pass] = [propagate, remove_identity, remove_dead_nodes, fold_batchnorm]
 # The head fusions run first: fuse_activation would otherwise take GeM's Clip into the trunk's last conv.
 FUSE: list[Pass] = [fuse_netvlad, fuse_gem, fuse_pad_into_conv, matmul_add_to_gemm, fuse_residual,
-                    fuse_activation, fuse_input_affine]
+                    fuse_residual_eltwise, fuse_activation, fuse_input_affine]
 
 
 def run_to_fixpoint(g: Graph, passes: list[Pass], limit: int = 50) -> None:
@@ -49,5 +49,5 @@ def optimize(g: Graph, *, fuse: bool = True) -> Graph:
 __all__ = [
     "optimize", "run_to_fixpoint", "propagate", "remove_identity", "remove_dead_nodes",
     "fold_batchnorm", "fuse_activation", "fuse_residual", "fuse_pad_into_conv",
-    "matmul_add_to_gemm", "decompose_batchnorm", "fuse_input_affine",
+    "matmul_add_to_gemm", "decompose_batchnorm", "fuse_input_affine", "fuse_residual_eltwise",
 ]
