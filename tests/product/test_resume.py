@@ -52,7 +52,7 @@ def _generation(index: Path) -> int:
 
 def _start_and_stop(folder: Path, model: Path, out: Path, sig: int, after_generation: int) -> int:
     """Starts `cbir index`, sends `sig` once `after_generation` commits are on disk, returns the
-    exit status."""
+    exit status (its stderr is printed, so a failing assertion on the status shows why)."""
     cmd = [sys.executable, "-m", "cbir_engine.cli", "index", str(folder), "--model", str(model),
            "-o", str(out), *INDEX_ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -65,7 +65,8 @@ def _start_and_stop(folder: Path, model: Path, out: Path, sig: int, after_genera
                 raise AssertionError("cbir index made no progress in 120 s")
             time.sleep(0.005)
         proc.send_signal(sig)
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
+        print(err.decode(errors="replace")[-4000:], file=sys.stderr)
     finally:
         if proc.poll() is None:
             proc.kill()
