@@ -121,6 +121,18 @@ class LocalRayCluster:
                 "--dashboard-agent-grpc-port", str(_free_port(ip)),
                 "--runtime-env-agent-port", str(_free_port(ip)), "--metrics-export-port", str(_free_port(ip))]
 
+    @staticmethod
+    def _die_with_parent() -> None:
+        """Runs in the child before exec: SIGTERM when the process that started the cluster dies
+        (a test run killed before its teardown), which `ray start --block` answers by stopping
+        its node's processes. Linux only; elsewhere nothing is set."""
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
     def _spawn(self, args: list[str], name: str) -> None:
         log = Path(self.temp_dir) / f"{name}.log"
         self._logs.append(log)
@@ -128,7 +140,7 @@ class LocalRayCluster:
         with open(log, "wb") as out:
             self._procs.append(subprocess.Popen([_ray_executable(), "start", *args], env=env, stdout=out,
                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True))
+                                                start_new_session=True, preexec_fn=self._die_with_parent))
 
     def start(self) -> LocalRayCluster:
         ray_bin = _ray_executable()  # fail before starting anything

@@ -29,6 +29,7 @@ import contextlib
 import importlib.metadata
 import os
 import sys
+import time
 import types
 from typing import Any
 
@@ -56,6 +57,20 @@ class MilvusUnavailableError(CbirError, RuntimeError):
 
 class MilvusLimitError(CbirError, ValueError):
     """A query needs more results than Milvus returns for one query (MAX_LIMIT)."""
+
+
+def _client(pymilvus: Any, uri: str, token: str, wait_s: float = 60.0) -> Any:
+    """A MilvusClient. For a Milvus Lite file pymilvus starts the local server and connects at
+    once; on a busy machine the server may not listen yet, so the connection is tried again
+    (the server, once started, is reused) for up to `wait_s` seconds."""
+    deadline = time.monotonic() + (wait_s if _is_local(uri) else 0.0)
+    while True:
+        try:
+            return pymilvus.MilvusClient(uri=uri, token=token)
+        except Exception as e:  # pymilvus raises MilvusException and connection errors of its own
+            if time.monotonic() >= deadline:
+                raise MilvusUnavailableError(f"cannot connect to Milvus at {uri}: {e}") from e
+            time.sleep(1.0)
 
 
 def _is_local(uri: str) -> bool:
@@ -118,10 +133,7 @@ class MilvusHammingIndex:
         self.collection = collection
         self.nprobe = int(nprobe)
         self._closed = True
-        try:
-            self._client = pymilvus.MilvusClient(uri=self.uri, token=token)
-        except Exception as e:  # pymilvus raises MilvusException and connection errors of its own
-            raise MilvusUnavailableError(f"cannot connect to Milvus at {self.uri}: {e}") from e
+        self._client = _client(pymilvus, self.uri, token)
         self._closed = False
         if _is_local(self.uri):
             _LOCAL_USERS[self.uri] = _LOCAL_USERS.get(self.uri, 0) + 1
@@ -161,10 +173,7 @@ class MilvusHammingIndex:
         if _is_local(uri):
             uri = os.path.abspath(uri)
             os.makedirs(os.path.dirname(uri), exist_ok=True)
-        try:
-            client = pymilvus.MilvusClient(uri=uri, token=token)
-        except Exception as e:
-            raise MilvusUnavailableError(f"cannot connect to Milvus at {uri}: {e}") from e
+        client = _client(pymilvus, uri, token)
         try:
             if client.has_collection(collection):
                 if not drop_existing:
