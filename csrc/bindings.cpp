@@ -42,7 +42,7 @@ pybind11::array codes_arg(const pybind11::handle& obj, const char* what) {
   namespace py = pybind11;
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(what) + " must be a numpy array");
   auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<uint8_t>())) throw py::type_error(std::string(what) + " must be uint8");
+  if (!a.dtype().equal(py::dtype::of<uint8_t>())) throw py::type_error(std::string(what) + " must be uint8");
   if (a.ndim() != 2) throw py::value_error(std::string(what) + " must be 2-D [n, code_bytes]");
   if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
   return a;
@@ -54,7 +54,7 @@ const int64_t* ids_arg(const pybind11::handle& obj, int64_t n) {
   if (obj.is_none()) return nullptr;
   if (!py::isinstance<py::array>(obj)) throw py::type_error("ids must be a numpy array or None");
   auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("ids must be int64");
+  if (!a.dtype().equal(py::dtype::of<int64_t>())) throw py::type_error("ids must be int64");
   if (a.ndim() != 1 || a.shape(0) != n) throw py::value_error("ids must be 1-D with one id per code");
   if (!(a.flags() & py::array::c_style)) throw py::value_error("ids must be C-contiguous");
   return static_cast<const int64_t*>(a.data());
@@ -87,7 +87,7 @@ using FloatArray = py::array_t<float, py::array::c_style>;
 py::array check_float32(const py::handle& obj, const char* what) {
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(what) + " must be a numpy array");
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<float>()))
+  if (!arr.dtype().equal(py::dtype::of<float>()))
     throw py::type_error(std::string(what) + " must be float32, got " + std::string(py::str(arr.dtype())));
   return arr;
 }
