@@ -35,4 +35,5 @@ def test_pickled_float_input_runs_in_the_engine() -> None:
 
 def test_other_dtypes_still_refused() -> None:
     with pytest.raises(TypeError):
-        _C.hamming_knn(_C.HammingThreads(1), np.zeros((4, 8), np.int8), None, True, np.zeros((1, 8), np.uint8), 1)
+        _C.hamming_knn(_C.HammingThreads(1), np.zeros((4, 8), np.int8), None, True,
+                       np.zeros((1, 8), np.uint8), 1)
