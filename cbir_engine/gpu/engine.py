@@ -534,6 +534,18 @@ class GpuEngine:
         res_name = node.input(3)
         x_name, y_name = node.inputs[0], node.outputs[0]
         geo = dict(stride=stride, pads=(int(pb[0]), int(pb[1])), dilation=dil)
+        # A pre-activation BatchNorm(+ReLU) that the graph passes folded into this conv (inputs 4
+        # and 5, fuse_input_affine): applied to the input here, per channel (NHWC: the last dim).
+        in_scale = self._const(g, node.input(4), "f32") if node.input(4) else None
+        in_shift = self._const(g, node.input(5), "f32") if node.input(4) else None
+        in_relu = node.attrs.get("input_activation") == "Relu"
+
+        def conv_input(env: _Env) -> Any:
+            xx = self._nhwc(env, g, x_name)
+            if in_scale is None:
+                return xx
+            xx = xx.float() * in_scale + in_shift
+            return (xx.clamp_min(0.0) if in_relu else xx).to(self.dtype).contiguous()
 
         if self.backend in ("triton", "auto"):
             from cbir_engine.kernels import conv as tconv
@@ -542,7 +554,7 @@ class GpuEngine:
             def run(env: _Env) -> None:
                 y = self._empty((n, oh, ow, k))
                 r = self._nhwc(env, g, res_name) if res_name else None
-                xx = self._nhwc(env, g, x_name)
+                xx = conv_input(env)
                 if depthwise:
                     tdw.depthwise_nhwc(xx, wp, bias, out=y, residual=r, act=act, act_lo=lo, act_hi=hi, **geo)
                 else:
@@ -585,7 +597,7 @@ class GpuEngine:
             lib = self._cuda()
             y = self._empty((n, oh, ow, k))
             r = self._nhwc(env, g, res_name) if res_name else None
-            xx = self._nhwc(env, g, x_name)
+            xx = conv_input(env)
             fn = lib.cbir_depthwise_nhwc_cuda if depthwise else lib.cbir_conv2d_nhwc_cuda
             rc = fn(
                 ctypes.byref(desc),
@@ -924,13 +936,14 @@ class GpuEngine:
                 "Min": torch.minimum,
             }[op]
 
+            # A third input is a residual added before the activation (fuse_residual_eltwise).
             def run_binary(env: _Env) -> None:
                 if len(out_shape) == 4:
-                    x, y = (self._nhwc_view(env, g, i, 4) for i in ins)
-                    self._set(env, out, act(f(x, y)).contiguous(), True)
+                    x, y, *r = (self._nhwc_view(env, g, i, 4) for i in ins)
+                    self._set(env, out, act(f(x, y) + r[0] if r else f(x, y)).contiguous(), True)
                 else:
-                    x, y = (self._plain(env, g, i) for i in ins)
-                    self._set(env, out, act(f(x, y)).contiguous(), False)
+                    x, y, *r = (self._plain(env, g, i) for i in ins)
+                    self._set(env, out, act(f(x, y) + r[0] if r else f(x, y)).contiguous(), False)
 
             return run_binary
 

@@ -63,6 +63,22 @@ class VladNet(nn.Module):
         return self.head(self.trunk(x))
 
 
+class PreactSE(nn.Module):
+    """The two CPU-side fusions the GPU path must honour: a pre-activation BN+ReLU folded into the
+    1x1 conv after it (DenseNet), and an SE tail (scale Mul + residual Add + ReLU) as one Mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, 1, 1)
+        self.pre = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 12, 1))
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(12, 12, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.pre(x)
+        return torch.relu(y * self.gate(y) + x)
+
+
 def randomize_bn(m: nn.Module, seed: int) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     for mod in m.modules():
@@ -129,9 +145,10 @@ def main() -> int:
     expected_ops = {
         "Mixed": {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Mul", "Flatten", "Gemm"},
         "VladNet": {"Conv", "MaxPool", "NetVLAD"},
+        "PreactSE": {"Conv", "GlobalAveragePool", "Mul"},
     }
     worst: dict[str, float] = {}
-    for net, size in ((Mixed(), 19), (VladNet(), 10)):
+    for net, size in ((Mixed(), 19), (VladNet(), 10), (PreactSE(), 9)):
         net = randomize_bn(net, 1)
         onnx_bytes = export_onnx(net, torch.zeros(1, 3, size, size), opset=17)
         cpu = cbir_engine.load(onnx_bytes, threads=1)
@@ -141,6 +158,9 @@ def main() -> int:
         if isinstance(net, Mixed):  # the fused epilogues and the depthwise path are exercised
             assert any(n.input(3) for n in convs) and any(n.attrs.get("activation") for n in convs)
             assert any(n.attrs.get("group", 1) == 16 for n in convs)
+        if isinstance(net, PreactSE):
+            assert any(n.input(4) and n.attrs.get("input_activation") == "Relu" for n in convs)
+            assert any(n.op == "Mul" and len(n.inputs) == 3 for n in cpu.graph.nodes)
         for batch in (1, 2):
             x = torch.randn(batch, 3, size, size)
             ref = cpu(x.numpy()).astype(np.float64)
