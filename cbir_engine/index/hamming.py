@@ -279,10 +279,12 @@ class HammingIndex:
         if self._method != "auto":
             return self._method == "mih"
         # Multi-index hashing wins when its substrings are selective: short codes, millions of
-        # them, few results. Measured on a 2-core Zen 4 (bench/bench_hamming.py, random codes):
-        # 10M 64-bit codes, k=10: about 20x the flat scan one query at a time and several times
-        # faster in batches of 1000; at 1M codes the flat scan (L3-resident) is as fast or faster,
-        # and for 128-bit and longer random codes the probes reach too much of the database.
+        # them, few results. Measured on a 2-core Zen 4 (bench/bench_hamming.py, random codes,
+        # bench/results/hamming.csv): 10M 64-bit codes, k=10: 6-7x the flat scan one query at a
+        # time on an idle machine (up to 13x when other work slows the 2-thread scan more),
+        # 2.5-4.5x in batches of 1000, over 50x on clustered (LSH-like) codes; at 1M codes the
+        # flat scan (L3-resident) is about as fast in batches, and for 128-bit and longer random
+        # codes the probes reach too much of the database.
         if self._bits > 64 or self._n < (1 << 22):
             return False
         if radius is not None:
