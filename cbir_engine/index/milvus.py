@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CbirError, ShapeError
-from ._errors import IndexArgumentError
+from ..errors import IndexArgumentError
 from .bits import check_codes, code_bytes_for
 
 __all__ = ["MilvusHammingIndex", "MilvusLimitError", "MilvusUnavailableError", "MAX_LIMIT"]
