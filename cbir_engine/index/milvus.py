@@ -35,8 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CbirError, ShapeError
-from ..errors import IndexArgumentError
+from ..errors import CbirError, IndexArgumentError, ShapeError
 from .bits import check_codes, code_bytes_for
 
 __all__ = ["MilvusHammingIndex", "MilvusLimitError", "MilvusUnavailableError", "MAX_LIMIT"]
