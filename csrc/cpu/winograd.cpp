@@ -186,15 +186,21 @@ GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t til
   return g;
 }
 
-size_t winograd_workspace_floats(const Conv2dParams& p) {
-  const WinogradTiling t = winograd_tiling(p, 4, XI);
+size_t winograd_workspace_floats_for(const Conv2dParams& p, int out_tile, int positions) {
+  const WinogradTiling t = winograd_tiling(p, out_tile, positions);
   const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
-  return size_t(XI) * size_t(p.C + p.K) * tiles;
+  return size_t(positions) * size_t(p.C + p.K) * tiles;  // V and M of one chunk
 }
 
+size_t winograd_scratch_floats_for(const Conv2dParams& p, int out_tile, int positions, int threads) {
+  const WinogradTiling t = winograd_tiling(p, out_tile, positions);
+  return gemm_scratch_floats(winograd_chunk_gemm(p, positions, t.chunk, nullptr, nullptr), threads);
+}
+
+size_t winograd_workspace_floats(const Conv2dParams& p) { return winograd_workspace_floats_for(p, 4, XI); }
+
 size_t winograd_scratch_floats(const Conv2dParams& p, int threads) {
-  const WinogradTiling t = winograd_tiling(p, 4, XI);
-  return gemm_scratch_floats(winograd_chunk_gemm(p, XI, t.chunk, nullptr, nullptr), threads);
+  return winograd_scratch_floats_for(p, 4, XI, threads);
 }
 
 void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {

@@ -34,6 +34,8 @@ struct WinogradTiling {
 WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int positions);
 // The chunk's batched GEMMs M[xi] (K x tiles) = U[xi] (K x C) * V[xi] (C x tiles).
 GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t tiles, const float* v, float* m);
+size_t winograd_workspace_floats_for(const Conv2dParams& p, int out_tile, int positions);
+size_t winograd_scratch_floats_for(const Conv2dParams& p, int out_tile, int positions, int threads);
 // U = G g G^T for every (k, c), G being alpha x 3 (row-major), packed per position.
 void pack_winograd_weight_with(const float* w, int K, int C, const double* G, int alpha, float* out);
 

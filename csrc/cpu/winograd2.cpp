@@ -51,15 +51,10 @@ void pack_winograd2_weight(const float* w, int K, int C, float* out) {
   pack_winograd_weight_with(w, K, C, G, A4, out);
 }
 
-size_t winograd2_workspace_floats(const Conv2dParams& p) {
-  const WinogradTiling t = winograd_tiling(p, 2, XI);
-  const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
-  return size_t(XI) * size_t(p.C + p.K) * tiles;
-}
+size_t winograd2_workspace_floats(const Conv2dParams& p) { return winograd_workspace_floats_for(p, 2, XI); }
 
 size_t winograd2_scratch_floats(const Conv2dParams& p, int threads) {
-  const WinogradTiling t = winograd_tiling(p, 2, XI);
-  return gemm_scratch_floats(winograd_chunk_gemm(p, XI, t.chunk, nullptr, nullptr), threads);
+  return winograd_scratch_floats_for(p, 2, XI, threads);
 }
 
 void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
