@@ -234,12 +234,19 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
     pending_removed: list[int] = list(gone)
     next_id = coll._next_id
 
+    # Tests that kill a driver mid-run need a run that is still going after its first commit,
+    # however fast the machine: this pause (seconds, from the environment) gives them that window.
+    pause_after_commit = float(os.environ.get("CBIR_TEST_PAUSE_AFTER_COMMIT", "0") or 0)
+    front = 0  # the first position of the work list not folded yet
+
     def commit() -> None:
         if pending_rows or pending_removed:
             with _signals_deferred():
                 coll._commit(pending_rows, pending_removed)
                 pending_rows.clear()
                 pending_removed.clear()
+            if pause_after_commit > 0 and front < len(todo):
+                time.sleep(pause_after_commit)
 
     if not todo:
         commit()
@@ -254,7 +261,6 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
         ds = _pipeline(ray, coll, todo, options, batch_size)
         # Results arrive in any order: keep them until the prefix of the work list is complete.
         ready: dict[int, tuple[np.ndarray, str]] = {}
-        front = 0  # the first position of the work list not folded yet
         codes_buf: list[np.ndarray] = []
         ids_buf: list[int] = []
 

@@ -112,9 +112,10 @@ def _committed(index: Path) -> int:
 def test_cli_run_killed_mid_way_resumes_to_the_same_index(ray_cluster, fashion_folder, hash_model, reference,
                                                           tmp_path):
     """`cbir index --ray` as a separate driver process, killed (SIGKILL) once it has committed
-    some images; running the same command again completes the index."""
+    some images; running the same command again completes the index. The first run pauses after
+    each commit (a test-only setting), so the kill lands mid-way however fast the machine is."""
     out = tmp_path / "cli.index"
-    env = {**os.environ, **ray_cluster.env()}
+    env = {**os.environ, **ray_cluster.env(), "CBIR_TEST_PAUSE_AFTER_COMMIT": "30"}
     cmd = [sys.executable, "-m", "cbir_engine.cli", "index", str(fashion_folder), "--model", str(hash_model),
            "-o", str(out), "--ray", ray_cluster.address, "--ray-actors", "2", "--ray-actor-cpus", "0.5",
            "--checkpoint-every", "128", "--no-progress"]
@@ -136,6 +137,7 @@ def test_cli_run_killed_mid_way_resumes_to_the_same_index(ray_cluster, fashion_f
     want_ids, want_codes, _ = index_contents(reference)
     assert np.array_equal(ids, want_ids[:partial]) and np.array_equal(codes, want_codes[:partial])
 
+    env.pop("CBIR_TEST_PAUSE_AFTER_COMMIT")
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{total - partial} added" in second.stdout and "1 unreadable (skipped)" in second.stdout
