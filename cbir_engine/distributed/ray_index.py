@@ -45,11 +45,10 @@ from cbir_engine.store.collection import (
     Collection,
     IndexReport,
     Row,
-    _is_under,
     _label_of,
     _signals_deferred,
 )
-from cbir_engine.store.images import load_pixels, normalise, walk_images
+from cbir_engine.store.images import load_pixels, normalise
 from cbir_engine.store.model_info import ModelInfo
 
 
@@ -172,37 +171,6 @@ class RayOptions:
 _Work = list[tuple[str, os.stat_result, "Row | None"]]
 
 
-def _work_list(coll: Collection, root: Path, prune: bool, report: IndexReport,
-               on_unreadable: Callable[[str, str], None] | None) -> tuple[_Work, list[int]]:
-    """The images to embed, in walk order, and the ids to drop: what `Collection.update` decides."""
-    known: dict[str, Row] = {r.path: r for r in coll.rows().values()}
-    todo: _Work = []
-    seen: set[str] = set()
-    for p in walk_images(root):
-        key = os.fspath(p)
-        seen.add(key)
-        report.found += 1
-        try:
-            st = p.stat()
-        except OSError as e:
-            _unreadable(report, on_unreadable, key, e.strerror or str(e))
-            continue
-        old = known.get(key)
-        if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
-            report.unchanged += 1
-        else:
-            todo.append((key, st, old))
-    gone = [r.id for path, r in known.items() if prune and path not in seen and _is_under(path, root)]
-    return todo, gone
-
-
-def _unreadable(report: IndexReport, callback: Callable[[str, str], None] | None, path: str,
-                reason: str) -> None:
-    report.unreadable.append((path, reason))
-    if callback is not None:
-        callback(path, reason)
-
-
 def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str | None = None,
                options: RayOptions | None = None, batch_size: int = 64, checkpoint_every: int = 2000,
                labels: str = "parent", prune: bool = False, progress: Callable[[int], None] | None = None,
@@ -224,7 +192,7 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
     report = IndexReport()
-    todo, gone = _work_list(coll, root, prune, report, on_unreadable)
+    todo, gone = coll._work_list(root, prune, report, on_unreadable)
     if on_plan is not None:
         on_plan(len(todo))
     if gone:
@@ -272,7 +240,7 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
                 key, st, old = todo[front]
                 front += 1
                 if error:
-                    _unreadable(report, on_unreadable, key, error)
+                    Collection._unreadable(report, on_unreadable, key, error)
                     continue
                 if old is not None:
                     olds.append(int(old.id))

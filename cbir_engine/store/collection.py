@@ -542,6 +542,32 @@ class Collection:
         return self.search_codes(np.asarray(stored[pos[:1]]), k)[0]
 
     # ---------------------------------------------------------------- indexing a folder
+    def _work_list(self, root: Path, prune: bool, report: IndexReport,
+                   on_unreadable: Callable[[str, str], None] | None
+                   ) -> tuple[list[tuple[str, os.stat_result, Row | None]], list[int]]:
+        """What an update of `root` has to do: the new or changed images in walk order (path,
+        stat, the row they replace) and the ids of indexed files under root that are gone
+        (with `prune`). Counts found / unchanged / unreadable files in `report`."""
+        known: dict[str, Row] = {r.path: r for r in self.rows().values()}
+        todo: list[tuple[str, os.stat_result, Row | None]] = []
+        seen: set[str] = set()
+        for p in walk_images(root):
+            key = os.fspath(p)
+            seen.add(key)
+            report.found += 1
+            try:
+                st = p.stat()
+            except OSError as e:
+                self._unreadable(report, on_unreadable, key, e.strerror or str(e))
+                continue
+            old = known.get(key)
+            if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                report.unchanged += 1
+            else:
+                todo.append((key, st, old))
+        gone = [r.id for path, r in known.items() if prune and path not in seen and _is_under(path, root)]
+        return todo, gone
+
     def update(self, root: str | os.PathLike[str], *, batch_size: int = 64, checkpoint_every: int = 2000,
                labels: str = "parent", prune: bool = False, progress: Callable[[int], None] | None = None,
                on_unreadable: Callable[[str, str], None] | None = None,
@@ -565,24 +591,7 @@ class Collection:
         if not root.is_dir():
             raise NotADirectoryError(f"{root}: not a folder")
         report = IndexReport()
-        known: dict[str, Row] = {r.path: r for r in self.rows().values()}
-        todo: list[tuple[str, os.stat_result, Row | None]] = []
-        seen: set[str] = set()
-        for p in walk_images(root):
-            key = os.fspath(p)
-            seen.add(key)
-            report.found += 1
-            try:
-                st = p.stat()
-            except OSError as e:
-                self._unreadable(report, on_unreadable, key, e.strerror or str(e))
-                continue
-            old = known.get(key)
-            if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
-                report.unchanged += 1
-            else:
-                todo.append((key, st, old))
-        gone = [r.id for path, r in known.items() if prune and path not in seen and _is_under(path, root)]
+        todo, gone = self._work_list(root, prune, report, on_unreadable)
         if on_plan is not None:
             on_plan(len(todo))
 
