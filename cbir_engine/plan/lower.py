@@ -41,16 +41,18 @@ PAD_MODE = {"constant": 0, "reflect": 1, "edge": 2, "wrap": 3}
 CONV_METHOD = {"gemm": 0, "depthwise": 1, "winograd": 2, "winograd_f2": 3}
 
 
-def winograd_pays(c: int, k: int, oh: int, ow: int) -> bool:
-    """Whether F(4x4,3x3) beats the GEMM path: enough channels to amortise the transforms and
-    enough 4x4 tiles per image to fill the GEMMs."""
-    return c >= 16 and k >= 16 and oh >= 12 and ow >= 12
-
-
-def winograd_f2_pays(c: int, k: int, oh: int, ow: int) -> bool:
-    """Whether F(2x2,3x3) beats the GEMM path on planes too small for F(4x4,3x3): from 4x4 up, a
-    plane gives at least 4 tiles an image, and 16 products per tile replace 36 per 2x2 outputs."""
-    return c >= 16 and k >= 16 and 4 <= oh < 12 and 4 <= ow < 12
+def winograd_method(c: int, k: int, oh: int, ow: int) -> str | None:
+    """The Winograd variant that beats the GEMM path for a 3x3 stride-1 conv, if any. Both need
+    enough channels to amortise the transforms. F(4x4,3x3) needs enough 4x4 tiles per image to
+    fill the GEMMs; on planes too small for it, F(2x2,3x3) still gives at least 4 tiles an image
+    from 4x4 up, with 16 products per tile in place of 36 per 2x2 outputs."""
+    if c < 16 or k < 16:
+        return None
+    if oh >= 12 and ow >= 12:
+        return "winograd"
+    if 4 <= oh < 12 and 4 <= ow < 12:
+        return "winograd_f2"
+    return None
 ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 MAX_RANK = 8
 
@@ -260,9 +262,8 @@ class Lowering:
         if group > 1 and group == C and K % C == 0:
             method = "depthwise"
         elif (self.winograd and w_const is not None
-              and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)
-              and (winograd_pays(C, K, y4[2], y4[3]) or winograd_f2_pays(C, K, y4[2], y4[3]))):
-            method = "winograd" if winograd_pays(C, K, y4[2], y4[3]) else "winograd_f2"
+              and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)):
+            method = winograd_method(C, K, y4[2], y4[3]) or "gemm"
         from cbir_engine import _C
 
         if method == "winograd":
