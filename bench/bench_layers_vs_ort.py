@@ -1,0 +1,89 @@
+"""Per-layer time of cbir-engine against ONNX Runtime's own profiler, grouped by our kernel label.
+
+ONNX Runtime names each profiled node after its output (with an "_nchwc" suffix on the blocked
+path); layers are matched on that output name, or on the conv's node name when the residual Add
+is fused on both sides. Medians over the runs, milliseconds.
+
+    python bench/bench_layers_vs_ort.py [--model inception_v3] [--threads 1] [--runs 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=9)
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+
+    import cbir_engine
+    from cbir_engine.models import build
+    from cbir_engine.torch_backend import export_onnx
+
+    module, size = build(args.model, seed=0)
+    model = export_onnx(module, torch.zeros(1, 3, size, size), opset=17)
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(args.runs + 1):
+        sess.run(None, feed)
+    per_node: dict[str, list[float]] = collections.defaultdict(list)
+    with open(sess.end_profiling()) as f:
+        for e in json.load(f):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node[e["name"][: -len("_kernel_time")]].append(e["dur"] / 1e3)
+    ort_ms = {k: statistics.median(v) for k, v in per_node.items()}
+
+    engine = cbir_engine.load(model, threads=args.threads)
+    engine(x)
+    plan, ex = engine._specialised({engine.graph.inputs[0]: x})
+    runs = [ex.profile([x])[1] for _ in range(args.runs)]
+    ours_ms = [statistics.median(v) / 1e6 for v in zip(*runs, strict=True)]
+
+    by_output = {n.describe(): n.outputs[0] for n in engine.graph.nodes}
+    ours: dict[str, tuple[float, str]] = {}
+    for step, ms in zip(plan.steps, ours_ms, strict=True):
+        if step.node in by_output:
+            ours[by_output[step.node]] = (ms, step.label)
+        m = re.search(r"'([^']+)'", step.node)
+        if m and m.group(1).endswith("/Conv"):
+            ours.setdefault(m.group(1) + "_output_0", (ms, step.label))
+
+    groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
+    for name, ms in ort_ms.items():
+        key = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+        if key in ours:
+            label = ours[key][1].split(" +")[0]
+            groups[label][0] += ours[key][0]
+            groups[label][1] += ms
+            groups[label][2] += 1
+    print(f"{args.model}, {args.threads} thread(s), batch 1: ours {sum(ours_ms):.1f} ms, "
+          f"ONNX Runtime {sum(ort_ms.values()):.1f} ms (sums of layer medians)")
+    print(f"{'our kernel':<34}{'layers':>7}{'ours ms':>10}{'ORT ms':>10}{'ours/ORT':>10}")
+    for label, (o, r, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        print(f"{label:<34}{n:>7}{o:>10.2f}{r:>10.2f}{o / r:>10.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
