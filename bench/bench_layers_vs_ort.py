@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--per-layer", type=int, default=0, metavar="N",
+                    help="also list the N layers where we lose the most time against ONNX Runtime")
     args = ap.parse_args(argv)
 
     import onnxruntime as ort
@@ -61,13 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     ours_ms = [statistics.median(v) / 1e6 for v in zip(*runs, strict=True)]
 
     by_output = {n.describe(): n.outputs[0] for n in engine.graph.nodes}
+    shapes = {n.describe(): n for n in engine.graph.nodes}
     ours: dict[str, tuple[float, str]] = {}
+    detail: dict[str, str] = {}
     for step, ms in zip(plan.steps, ours_ms, strict=True):
+        names = []
         if step.node in by_output:
-            ours[by_output[step.node]] = (ms, step.label)
+            names.append(by_output[step.node])
         m = re.search(r"'([^']+)'", step.node)
         if m and m.group(1).endswith("/Conv"):
-            ours.setdefault(m.group(1) + "_output_0", (ms, step.label))
+            names.append(m.group(1) + "_output_0")
+        for name in names:
+            ours.setdefault(name, (ms, step.label))
+            node = shapes.get(step.node)
+            detail.setdefault(name, _conv_shape(engine, node) if node is not None else "")
 
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
     for name, ms in ort_ms.items():
@@ -82,7 +91,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'our kernel':<34}{'layers':>7}{'ours ms':>10}{'ORT ms':>10}{'ours/ORT':>10}")
     for label, (o, r, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         print(f"{label:<34}{n:>7}{o:>10.2f}{r:>10.2f}{o / r:>10.2f}")
+    if args.per_layer:
+        rows = []
+        for name, ms in ort_ms.items():
+            key = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+            if key in ours:
+                rows.append((ours[key][0] - ms, ours[key][0], ms, ours[key][1].split(" +")[0], detail.get(key, "")))
+        print(f"\nthe {args.per_layer} layers with the largest loss (ours - ORT):")
+        print(f"{'our kernel':<28}{'shape':<34}{'ours ms':>9}{'ORT ms':>9}{'ratio':>7}")
+        for gap, o, r, label, shape in sorted(rows, reverse=True)[: args.per_layer]:
+            print(f"{label:<28}{shape:<34}{o:>9.3f}{r:>9.3f}{o / r:>7.2f}")
     return 0
+
+
+def _conv_shape(engine, node) -> str:
+    """Cin->Cout and the input's spatial size of a conv node ("" for other nodes)."""
+    if node.op != "Conv":
+        return ""
+    w = engine.graph.const(node.inputs[1])
+    x_shape = engine.graph.shape(node.inputs[0])
+    if w is None:
+        return ""
+    cout, cin_g = w.shape[0], w.shape[1]
+    where = f" @{x_shape[2]}x{x_shape[3]}" if x_shape is not None and len(x_shape) == 4 else ""
+    return f"{cin_g * int(node.attrs.get('group', 1))}->{cout}{where}"
 
 
 if __name__ == "__main__":

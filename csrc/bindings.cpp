@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/conv.h"
+#include "cpu/direct_conv.h"
 #include "cpu/gemm.h"
 #include "cpu/peak.h"
 #include "cpu/winograd.h"
@@ -210,6 +211,19 @@ PYBIND11_MODULE(_C, m) {
   def_winograd_pack("pack_winograd2_weight", cbir::cpu::winograd2_packed_weight_floats,
                     cbir::cpu::pack_winograd2_weight,
                     "transforms and packs 3x3 conv weights for the Winograd F(2x2,3x3) path");
+
+  m.def(
+      "pack_direct_conv_weight",
+      [](const py::object& w_obj) {
+        check_float32(w_obj, "weight");
+        auto w = FloatArray::ensure(w_obj);
+        if (w.ndim() != 4) throw py::value_error("conv weights must be [K, C, KH, KW]");
+        const int K = int(w.shape(0)), C = int(w.shape(1)), KH = int(w.shape(2)), KW = int(w.shape(3));
+        FloatArray out = aligned_array(py::ssize_t(cbir::cpu::direct_conv_packed_weight_floats(K, C, KH, KW)));
+        cbir::cpu::pack_direct_conv_weight(w.data(), K, C, KH, KW, out.mutable_data());
+        return out;
+      },
+      py::arg("weight"), "packs [K, C, KH, KW] conv weights for the direct kernel (16 output channels a row)");
 
   m.def(
       "pack_gemm_a",

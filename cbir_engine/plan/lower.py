@@ -38,7 +38,7 @@ REDUCE = {
     "ReduceL1": 5, "ReduceSumSquare": 6, "ReduceProd": 7,
 }
 PAD_MODE = {"constant": 0, "reflect": 1, "edge": 2, "wrap": 3}
-CONV_METHOD = {"gemm": 0, "depthwise": 1, "winograd": 2, "winograd_f2": 3}
+CONV_METHOD = {"gemm": 0, "depthwise": 1, "winograd": 2, "winograd_f2": 3, "direct": 4}
 
 
 def winograd_method(c: int, k: int, oh: int, ow: int) -> str | None:
@@ -53,6 +53,27 @@ def winograd_method(c: int, k: int, oh: int, ow: int) -> str | None:
     if 4 <= oh < 12 and 4 <= ow < 12:
         return "winograd_f2"
     return None
+def direct_pays(c: int, k: int, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int) -> bool:
+    """Whether the direct kernel (output channels in the vector lanes, pixels broadcast from an
+    NHWC copy of the input) beats the GEMM path for an ungrouped conv that Winograd does not take.
+
+    The GEMM path puts pixels in the lanes, 16 a panel, and packs its B operand from the image:
+    it wastes the padded columns of planes whose pixel count is not a multiple of 16 (49 -> 64
+    at 7x7) and pays an im2col gather for strided and 1x7/7x1 convs. Measured on single-conv
+    models, interleaved, 1 thread (Zen 4): direct/GEMM time 0.82-0.91 for 1x7/7x1 at 17x17,
+    0.91-0.95 for 1x1 at 7x7, 0.81-0.92 for stride-2 convs with outputs up to 14x14; but
+    1.08-1.15 for 1x1 and 1x3 convs at 8x8 and 14x14, where the GEMM panels fit exactly.
+    """
+    if c < 16 or k < 16:  # the stem's 3 input channels: a copy and a short reduction per tap
+        return False
+    pixels = oh * ow
+    if pixels <= 49:
+        return True
+    if kh != kw and pixels % 16:
+        return True
+    return (sh > 1 or sw > 1) and kh == kw == 1 and pixels <= 196
+
+
 ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 MAX_RANK = 8
 
@@ -264,6 +285,9 @@ class Lowering:
         elif (self.winograd and w_const is not None
               and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)):
             method = winograd_method(C, K, y4[2], y4[3]) or "gemm"
+        if (method == "gemm" and w_const is not None and group == 1 and not node.input(4)
+                and direct_pays(C, K, kh, kw, sh, sw, y4[2], y4[3])):
+            method = "direct"
         from cbir_engine import _C
 
         if method == "winograd":
@@ -273,6 +297,10 @@ class Lowering:
         elif method == "winograd_f2":
             w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
             w_op = self.packed(w_name, "winograd_f2x3", lambda: _C.pack_winograd2_weight(w4))
+            prepacked = 1
+        elif method == "direct":
+            w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
+            w_op = self.packed(w_name, "direct_conv", lambda: _C.pack_direct_conv_weight(w4))
             prepacked = 1
         elif method == "depthwise" or w_const is None:
             w_op = self.operand(w_name, w_raw_shape)

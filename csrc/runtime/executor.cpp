@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "cpu/conv.h"
+#include "cpu/direct_conv.h"
 #include "cpu/gemm.h"
 #include "cpu/ops.h"
 #include "cpu/winograd.h"
@@ -26,7 +27,7 @@ namespace {
 
 using cpu::Act;
 
-enum class ConvMethod : int { Gemm = 0, Depthwise = 1, Winograd = 2, Winograd2 = 3 };
+enum class ConvMethod : int { Gemm = 0, Depthwise = 1, Winograd = 2, Winograd2 = 3, Direct = 4 };
 
 class ConvStep final : public Step {
  public:
@@ -45,6 +46,7 @@ class ConvStep final : public Step {
       case ConvMethod::Depthwise: cpu::run_depthwise_conv2d(p_, par); break;
       case ConvMethod::Winograd: cpu::run_winograd_conv3x3(p_, workspace_, par); break;
       case ConvMethod::Winograd2: cpu::run_winograd2_conv3x3(p_, workspace_, par); break;
+      case ConvMethod::Direct: cpu::run_direct_conv2d(p_, workspace_, par); break;
     }
   }
   size_t scratch_floats(int threads) const override {
@@ -60,6 +62,7 @@ class ConvStep final : public Step {
       case ConvMethod::Gemm: return cpu::conv2d_workspace_floats(p_, threads);
       case ConvMethod::Winograd: return cpu::winograd_workspace_floats(p_);
       case ConvMethod::Winograd2: return cpu::winograd2_workspace_floats(p_);
+      case ConvMethod::Direct: return cpu::direct_conv_workspace_floats(p_);
       default: return 0;
     }
   }
@@ -91,7 +94,7 @@ std::unique_ptr<Step> make_conv2d(Args& a) {
   const bool prepacked = a.i() != 0;
   p.act_a = a.f(), p.act_b = a.f();
   if (p.groups <= 0 || p.C % p.groups || p.K % p.groups) a.fail("bad groups");
-  if (method_id < 0 || method_id > 3) a.fail("unknown conv method");
+  if (method_id < 0 || method_id > 4) a.fail("unknown conv method");
   const auto method = ConvMethod(method_id);
   p.x = a.need(0), p.w = a.need(1), p.bias = a.p(2), p.residual = a.p(3), p.y = a.need(4);
   if (a.has_int()) {  // an input affine (+ReLU) folded in: scale and shift are tensors 5 and 6
@@ -110,6 +113,9 @@ std::unique_ptr<Step> make_conv2d(Args& a) {
       a.fail("Winograd needs a prepacked 3x3 stride-1 undilated ungrouped conv");
     want = int64_t(method == ConvMethod::Winograd ? cpu::winograd_packed_weight_floats(p.K, p.C)
                                                   : cpu::winograd2_packed_weight_floats(p.K, p.C));
+  } else if (method == ConvMethod::Direct) {
+    if (p.groups != 1 || !prepacked) a.fail("the direct conv needs a prepacked ungrouped conv");
+    want = int64_t(cpu::direct_conv_packed_weight_floats(p.K, p.C, p.KH, p.KW));
   } else if (method == ConvMethod::Gemm && prepacked) {
     want = int64_t(cpu::conv2d_packed_weight_floats(p.K, p.C / p.groups, p.KH, p.KW, p.groups));
   }

@@ -1,0 +1,323 @@
+#include "cpu/direct_conv.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace cbir::cpu {
+namespace {
+
+constexpr int CB = kDirectCoutBlock;
+constexpr int kMaxPixels = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 ymm
+
+int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One tile: output channels [16 kb, 16 kb + 16) x MR pixels of one output row, over the NHWC
+// copy of the input, for the steps [s0, s1) of the reduction (step s = tap s / C, channel s % C).
+// `x` points at channel 0 of the input pixel under tap (0, 0) of the tile's first pixel; taps[t]
+// is the offset of tap t; successive pixels are SW pixels apart (SW_T when known at compile
+// time, else sw). The sums start from `out` when `accumulate`, else from zero.
+template <int MR, int SW_T>
+inline void tile(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w, int64_t s0,
+                 int64_t s1, bool accumulate, float out[kMaxPixels][CB]) {
+  // Named accumulators (not arrays): GCC keeps arrays of vectors in memory here.
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  // A second set for odd channels when the tile has few pixels, or the FMA latency (4 cycles a
+  // chain) and not the FMA throughput would set the pace.
+  __m256 b00 = a00, b01 = a00, b10 = a00, b11 = a00, b20 = a00, b21 = a00;
+  if (accumulate) {
+    a00 = _mm256_loadu_ps(out[0]), a01 = _mm256_loadu_ps(out[0] + 8);
+    if constexpr (MR > 1) a10 = _mm256_loadu_ps(out[1]), a11 = _mm256_loadu_ps(out[1] + 8);
+    if constexpr (MR > 2) a20 = _mm256_loadu_ps(out[2]), a21 = _mm256_loadu_ps(out[2] + 8);
+    if constexpr (MR > 3) a30 = _mm256_loadu_ps(out[3]), a31 = _mm256_loadu_ps(out[3] + 8);
+    if constexpr (MR > 4) a40 = _mm256_loadu_ps(out[4]), a41 = _mm256_loadu_ps(out[4] + 8);
+    if constexpr (MR > 5) a50 = _mm256_loadu_ps(out[5]), a51 = _mm256_loadu_ps(out[5] + 8);
+  }
+  const int64_t step = (SW_T > 0 ? SW_T : sw) * cs;  // floats between the tile's pixels
+  auto fma_step = [&](const float* xt, const float* wt) {
+    const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + 8);
+    __m256 b = _mm256_broadcast_ss(xt);
+    a00 = _mm256_fmadd_ps(b, w0, a00), a01 = _mm256_fmadd_ps(b, w1, a01);
+    if constexpr (MR > 1) {
+      b = _mm256_broadcast_ss(xt + step);
+      a10 = _mm256_fmadd_ps(b, w0, a10), a11 = _mm256_fmadd_ps(b, w1, a11);
+    }
+    if constexpr (MR > 2) {
+      b = _mm256_broadcast_ss(xt + 2 * step);
+      a20 = _mm256_fmadd_ps(b, w0, a20), a21 = _mm256_fmadd_ps(b, w1, a21);
+    }
+    if constexpr (MR > 3) {
+      b = _mm256_broadcast_ss(xt + 3 * step);
+      a30 = _mm256_fmadd_ps(b, w0, a30), a31 = _mm256_fmadd_ps(b, w1, a31);
+    }
+    if constexpr (MR > 4) {
+      b = _mm256_broadcast_ss(xt + 4 * step);
+      a40 = _mm256_fmadd_ps(b, w0, a40), a41 = _mm256_fmadd_ps(b, w1, a41);
+    }
+    if constexpr (MR > 5) {
+      b = _mm256_broadcast_ss(xt + 5 * step);
+      a50 = _mm256_fmadd_ps(b, w0, a50), a51 = _mm256_fmadd_ps(b, w1, a51);
+    }
+  };
+  auto fma_odd = [&](const float* xt, const float* wt) {
+    const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + 8);
+    __m256 b = _mm256_broadcast_ss(xt);
+    b00 = _mm256_fmadd_ps(b, w0, b00), b01 = _mm256_fmadd_ps(b, w1, b01);
+    if constexpr (MR > 1) {
+      b = _mm256_broadcast_ss(xt + step);
+      b10 = _mm256_fmadd_ps(b, w0, b10), b11 = _mm256_fmadd_ps(b, w1, b11);
+    }
+    if constexpr (MR > 2) {
+      b = _mm256_broadcast_ss(xt + 2 * step);
+      b20 = _mm256_fmadd_ps(b, w0, b20), b21 = _mm256_fmadd_ps(b, w1, b21);
+    }
+  };
+  // Channels are contiguous per pixel (the NHWC copy), so each pixel is one sequential stream.
+  int64_t t = s0 / C;
+  int c = int(s0 % C);
+  w += s0 * CB;
+  for (int64_t s = s0; s < s1; ++t, c = 0) {
+    const float* xt = x + taps[t];
+    const int end = int(std::min<int64_t>(C, c + (s1 - s)));
+    s += end - c;
+    if constexpr (MR <= 3) {
+      for (; c + 2 <= end; c += 2, w += 2 * CB) fma_step(xt + c, w), fma_odd(xt + c + 1, w + CB);
+    }
+    for (; c < end; ++c, w += CB) fma_step(xt + c, w);
+  }
+  if constexpr (MR <= 3) {
+    a00 = _mm256_add_ps(a00, b00), a01 = _mm256_add_ps(a01, b01);
+    a10 = _mm256_add_ps(a10, b10), a11 = _mm256_add_ps(a11, b11);
+    a20 = _mm256_add_ps(a20, b20), a21 = _mm256_add_ps(a21, b21);
+  }
+  _mm256_storeu_ps(out[0], a00), _mm256_storeu_ps(out[0] + 8, a01);
+  if constexpr (MR > 1) _mm256_storeu_ps(out[1], a10), _mm256_storeu_ps(out[1] + 8, a11);
+  if constexpr (MR > 2) _mm256_storeu_ps(out[2], a20), _mm256_storeu_ps(out[2] + 8, a21);
+  if constexpr (MR > 3) _mm256_storeu_ps(out[3], a30), _mm256_storeu_ps(out[3] + 8, a31);
+  if constexpr (MR > 4) _mm256_storeu_ps(out[4], a40), _mm256_storeu_ps(out[4] + 8, a41);
+  if constexpr (MR > 5) _mm256_storeu_ps(out[5], a50), _mm256_storeu_ps(out[5] + 8, a51);
+}
+
+template <int SW_T>
+void run_tile(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w, int64_t s0,
+              int64_t s1, bool accumulate, float out[kMaxPixels][CB]) {
+  switch (mr) {
+    case 1: tile<1, SW_T>(x, sw, cs, taps, C, w, s0, s1, accumulate, out); break;
+    case 2: tile<2, SW_T>(x, sw, cs, taps, C, w, s0, s1, accumulate, out); break;
+    case 3: tile<3, SW_T>(x, sw, cs, taps, C, w, s0, s1, accumulate, out); break;
+    case 4: tile<4, SW_T>(x, sw, cs, taps, C, w, s0, s1, accumulate, out); break;
+    case 5: tile<5, SW_T>(x, sw, cs, taps, C, w, s0, s1, accumulate, out); break;
+    default: tile<6, SW_T>(x, sw, cs, taps, C, w, s0, s1, accumulate, out); break;
+  }
+}
+
+// Bias, residual and activation on the tile, written to y (channel rows `ohw` floats apart).
+void store_tile(const Conv2dParams& p, const float out[kMaxPixels][CB], int mr, int k0, int kn, int64_t pix,
+                int64_t ohw, float* y, const float* res) {
+  for (int k = 0; k < kn; ++k) {
+    float* row = y + int64_t(k0 + k) * ohw + pix;
+    const float* rrow = res ? res + int64_t(k0 + k) * ohw + pix : nullptr;
+    const float b = p.bias ? p.bias[k0 + k] : 0.0f;
+    for (int j = 0; j < mr; ++j) {
+      float v = out[j][k] + b;
+      if (rrow) v += rrow[j];
+      if (p.act == Act::Relu) v = v > 0.0f ? v : 0.0f;
+      row[j] = v;
+    }
+    if (p.act != Act::None && p.act != Act::Relu) apply_act(p.act, p.act_a, p.act_b, row, mr);
+  }
+}
+
+// The input the kernel reads, as an NHWC copy: every padded row and column the conv touches, or
+// for an unpadded 1x1 conv only the pixels it samples (so a strided 1x1 conv copies a quarter).
+struct Layout {
+  bool sampled;  // 1x1 without padding: the copy holds OH x OW pixels, read at stride 1
+  int rows, cols;
+  int cs;  // floats per pixel: C rounded up to whole cache lines, and to an odd number of them,
+           // so the tile's pixel streams fall in different L1 sets (at 2^k lines they share one)
+};
+Layout layout_of(const Conv2dParams& p) {
+  int cs = (p.C + 15) / 16 * 16;
+  if (cs / 16 % 2 == 0) cs += 16;
+  if (p.C < 16) cs = p.C;  // the stem's 3 channels: padding would multiply the copy
+  if (p.KH == 1 && p.KW == 1 && p.PT == 0 && p.PL == 0) return {true, p.OH, p.OW, cs};
+  return {false, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1, (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1, cs};
+}
+
+// Row r of the copy for batch entry n: pixels [0, cols) x channels [0, C), zero outside x.
+void copy_row(const Conv2dParams& p, const Layout& l, int64_t n, int r, float* dst) {
+  const int64_t plane = int64_t(p.H) * p.W;
+  const float* x = p.x + n * p.C * plane;
+  const int iy = l.sampled ? r * p.SH : r - p.PT;
+  const int step = l.sampled ? p.SW : 1, shift = l.sampled ? 0 : p.PL;
+  if (iy < 0 || iy >= p.H) {
+    std::memset(dst, 0, sizeof(float) * size_t(l.cols) * size_t(l.cs));
+    return;
+  }
+  const float* src = x + int64_t(iy) * p.W;
+  constexpr int kPix = 8;  // pixels per block: each channel's read is one short run
+  for (int c0 = 0; c0 < l.cols; c0 += kPix) {
+    const int cn = std::min(kPix, l.cols - c0);
+    int ix[kPix];
+    bool inside[kPix], all_inside = cn == kPix;
+    for (int j = 0; j < cn; ++j) {
+      ix[j] = (c0 + j) * step - shift;
+      inside[j] = ix[j] >= 0 && ix[j] < p.W;
+      all_inside = all_inside && inside[j];
+    }
+    int c = 0;
+    if (all_inside && step <= 2) {
+      // 8 channels x 8 pixels at a time: load each channel's run (every other float at stride
+      // 2), transpose in registers, store 8 pixels' channel runs.
+      for (; c + 8 <= p.C; c += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) {
+          const float* sc = src + (c + i) * plane + ix[0];
+          if (step == 1) {
+            r[i] = _mm256_loadu_ps(sc);
+          } else {
+            // Only floats [0, 15) are read: the last lies at ix[7] < W.
+            const __m256 lo = _mm256_loadu_ps(sc);
+            const __m256 hi = _mm256_castps128_ps256(_mm_loadu_ps(sc + 8));
+            const __m256 hi2 = _mm256_insertf128_ps(hi, _mm_maskload_ps(sc + 12, _mm_setr_epi32(-1, -1, -1, 0)), 1);
+            const __m256 even = _mm256_shuffle_ps(lo, hi2, _MM_SHUFFLE(2, 0, 2, 0));  // lo0 lo2 hi0 hi2 | ...
+            r[i] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+          }
+        }
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 px[8] = {
+            _mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+            _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+            _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+            _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+        float* d = dst + int64_t(c0) * l.cs + c;
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(d + int64_t(j) * l.cs, px[j]);
+      }
+    }
+    for (; c < p.C; ++c) {
+      const float* sc = src + c * plane;
+      float* d = dst + int64_t(c0) * l.cs + c;
+      for (int j = 0; j < cn; ++j) d[int64_t(j) * l.cs] = inside[j] ? sc[ix[j]] : 0.0f;
+    }
+  }
+}
+
+}  // namespace
+size_t direct_conv_packed_weight_floats(int K, int C, int KH, int KW) {
+  return size_t(ceil_div64(K, CB)) * CB * size_t(C) * KH * KW;
+}
+
+void pack_direct_conv_weight(const float* w, int K, int C, int KH, int KW, float* out) {
+  const int64_t T = int64_t(KH) * KW, per_k = int64_t(C) * T;
+  const int64_t blocks = ceil_div64(K, CB);
+  for (int64_t kb = 0; kb < blocks; ++kb)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < C; ++c)
+        for (int k = 0; k < CB; ++k) {
+          const int64_t ko = kb * CB + k;
+          out[((kb * T + t) * C + c) * CB + k] = ko < K ? w[ko * per_k + c * T + t] : 0.0f;
+        }
+}
+
+size_t direct_conv_workspace_floats(const Conv2dParams& p) {
+  const Layout l = layout_of(p);
+  return size_t(p.N) * size_t(l.cs) * size_t(l.rows) * size_t(l.cols);
+}
+
+void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
+  const int T = p.KH * p.KW;
+  const Layout l = layout_of(p);
+  const int64_t row_floats = int64_t(l.cols) * l.cs, image_floats = row_floats * l.rows;
+  auto copy = [&](int64_t task, int) {
+    const int64_t n = task / l.rows;
+    const int r = int(task % l.rows);
+    copy_row(p, l, n, r, workspace + n * image_floats + r * row_floats);
+  };
+  par.run(int64_t(p.N) * l.rows, copy);
+  const int sh = l.sampled ? 1 : p.SH, sw = l.sampled ? 1 : p.SW;
+  int32_t taps[64];
+  std::vector<int32_t> many;
+  int32_t* tap = taps;
+  if (T > 64) {
+    many.resize(size_t(T));
+    tap = many.data();
+  }
+  for (int ky = 0; ky < p.KH; ++ky)
+    for (int kx = 0; kx < p.KW; ++kx)
+      tap[ky * p.KW + kx] = int32_t((int64_t(ky) * p.DH * l.cols + int64_t(kx) * p.DW) * l.cs);
+
+  // The sampled copy of a 1x1 conv is its output plane, pixel for pixel: one row of OH x OW
+  // pixels, so tiles run on across output rows (a 7x7 plane is 8 full tiles and 1 pixel, not
+  // 7 rows of 6 + 1).
+  const int out_rows = l.sampled ? 1 : p.OH, out_cols = l.sampled ? p.OH * p.OW : p.OW;
+  const int blocks = int(ceil_div64(p.K, CB));
+  // Rows per task: about 96 output pixels, so a task reuses its weight block many times.
+  const int rows = std::max(1, std::min(out_rows, int(ceil_div64(96, out_cols))));
+  const int chunks = int(ceil_div64(out_rows, rows));
+  const int64_t ohw = int64_t(p.OH) * p.OW;
+  const int64_t wblock = int64_t(p.C) * T * CB;
+  // The reduction runs in slices of kSliceSteps (tap, channel) steps, every tile of the task
+  // per slice, so the slice's weights (8 KiB) stay in L1 while the tiles reuse them; partial
+  // sums wait in a per-task buffer between slices.
+  constexpr int64_t kSliceSteps = 128;
+  const int64_t steps = int64_t(T) * p.C;
+  // Tiles of a row as even as possible (8 pixels: 4 + 4, not 6 + 2): a narrow tile has too few
+  // independent accumulators to keep the FMA units busy.
+  const int row_tiles = int(ceil_div64(out_cols, kMaxPixels));
+  const int narrow = out_cols / row_tiles, wide_tiles = out_cols % row_tiles;
+  auto work = [&](int64_t task, int) {
+    const int64_t n = task / (int64_t(blocks) * chunks);
+    const int kb = int(task / chunks % blocks), chunk = int(task % chunks);
+    const float* w = p.w + kb * wblock;
+    const float* xn = workspace + n * image_floats;
+    float* yn = p.y + n * int64_t(p.K) * ohw;
+    const float* rn = p.residual ? p.residual + n * int64_t(p.K) * ohw : nullptr;
+    const int k0 = kb * CB, kn = std::min(CB, p.K - k0);
+    const int oy0 = chunk * rows, oy1 = std::min(out_rows, (chunk + 1) * rows);
+    thread_local std::vector<float> sums_store;
+    sums_store.resize(size_t(oy1 - oy0) * size_t(row_tiles) * kMaxPixels * CB);
+    auto* sums = reinterpret_cast<float(*)[kMaxPixels][CB]>(sums_store.data());
+    // Each weight is used by only this task's pixels (49 of them at 7x7), so the weights stream
+    // from memory: the next slice is prefetched while this one runs, spread over the tiles.
+    const int task_tiles = (oy1 - oy0) * row_tiles;
+    const int64_t lines_per_tile = ceil_div64(kSliceSteps * CB / 16, task_tiles);
+    for (int64_t s0 = 0; s0 < steps; s0 += kSliceSteps) {
+      const int64_t s1 = std::min(steps, s0 + kSliceSteps);
+      const float* next = w + s1 * CB;
+      const int64_t next_lines = (std::min(steps, s1 + kSliceSteps) - s1) * CB / 16;
+      int tile_no = 0;
+      for (int oy = oy0; oy < oy1; ++oy) {
+        const float* xrow = xn + int64_t(oy) * sh * row_floats;
+        for (int ti = 0; ti < row_tiles; ++ti, ++tile_no) {
+          for (int64_t line = tile_no * lines_per_tile; line < std::min(next_lines, (tile_no + 1) * lines_per_tile);
+               ++line)
+            _mm_prefetch(reinterpret_cast<const char*>(next + line * 16), _MM_HINT_T0);
+          const int ox = ti * narrow + std::min(ti, wide_tiles), mr = narrow + (ti < wide_tiles ? 1 : 0);
+          const float* x = xrow + int64_t(ox) * sw * l.cs;
+          float(*out)[CB] = sums[(oy - oy0) * row_tiles + ti];
+          if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, p.C, w, s0, s1, s0 > 0, out);
+          else if (sw == 2) run_tile<2>(mr, x, 2, l.cs, tap, p.C, w, s0, s1, s0 > 0, out);
+          else run_tile<0>(mr, x, sw, l.cs, tap, p.C, w, s0, s1, s0 > 0, out);
+          if (s1 == steps) store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, ohw, yn, rn);
+        }
+      }
+    }
+  };
+  par.run(int64_t(p.N) * blocks * chunks, work);
+}
+
+}  // namespace cbir::cpu
