@@ -59,19 +59,19 @@ def direct_pays(c: int, k: int, kh: int, kw: int, sh: int, sw: int, oh: int, ow:
 
     The GEMM path puts pixels in the lanes, 16 a panel, and packs its B operand from the image:
     it wastes the padded columns of planes whose pixel count is not a multiple of 16 (49 -> 64
-    at 7x7) and pays an im2col gather for strided and 1x7/7x1 convs. Measured on single-conv
-    models, interleaved, 1 thread (Zen 4): direct/GEMM time 0.82-0.91 for 1x7/7x1 at 17x17,
-    0.91-0.95 for 1x1 at 7x7, 0.81-0.92 for stride-2 convs with outputs up to 14x14; but
-    1.08-1.15 for 1x1 and 1x3 convs at 8x8 and 14x14, where the GEMM panels fit exactly.
+    at 7x7) and pays an im2col gather per tap, which weighs most for strided, 1x7/7x1 and 5x5
+    convs. Measured on single-conv models, interleaved, 1 thread (Zen 4), direct/GEMM time:
+    0.82-0.91 for 1x7/7x1 at 17x17, 0.78 for 5x5 at 35x35, 0.91-0.95 for 1x1 at 7x7, 0.81-0.95
+    for stride-2 convs with 7x7, 14x14 and 17x17 outputs; but 1.08-1.18 where the pixel count
+    fills the panels exactly (1x1 at 14x14 is 196 = 12.25 panels and still lost: 1.08-1.10;
+    1x1 and 1x3 at 8x8, a stride-2 3x3 with an 8x8 output) and about 1.0 at 28x28 outputs.
     """
     if c < 16 or k < 16:  # the stem's 3 input channels: a copy and a short reduction per tap
         return False
     pixels = oh * ow
-    if pixels <= 49:
+    if pixels <= 49 or kh * kw >= 25:
         return True
-    if kh != kw and pixels % 16:
-        return True
-    return (sh > 1 or sw > 1) and kh == kw == 1 and pixels <= 196
+    return (kh != kw or sh > 1 or sw > 1) and pixels % 16 != 0
 
 
 ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}

@@ -107,7 +107,9 @@ def test_direct_conv_plan_file_round_trip(tmp_path, force_direct) -> None:
     ((160, 192, 1, 7, 1, 1, 17, 17), True),  # 1x7 at 17x17
     ((1024, 2048, 1, 1, 2, 2, 7, 7), True),  # strided 1x1
     ((512, 1024, 1, 1, 2, 2, 14, 14), True),
-    ((256, 512, 1, 1, 2, 2, 28, 28), False),  # large strided output: the GEMM path keeps up
+    ((256, 512, 1, 1, 2, 2, 28, 28), False),  # 784 pixels: exact panels
+    ((48, 64, 5, 5, 1, 1, 35, 35), True),  # 25 taps: the im2col gather costs more than the waste
+    ((192, 320, 3, 3, 2, 2, 8, 8), False),
     ((1024, 256, 1, 1, 1, 1, 14, 14), False),  # 196 pixels fill the panels well
     ((384, 384, 1, 3, 1, 1, 8, 8), False),  # 64 pixels: exact panels
     ((3, 64, 7, 7, 2, 2, 112, 112), False),  # the stem
