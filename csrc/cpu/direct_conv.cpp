@@ -249,16 +249,22 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   };
   par.run(int64_t(p.N) * l.rows, copy);
   const int sh = l.sampled ? 1 : p.SH, sw = l.sampled ? 1 : p.SW;
+  // When pixels are exactly C floats apart and the taps of a kernel row are adjacent pixels, the
+  // (tap, channel) steps of a kernel row are one run of KW x C floats, in the weights' order too:
+  // the reduction becomes KH taps of KW x C "channels" (the stem's 3 channels x 7 columns: one
+  // loop of 21, not 7 loops of 3).
+  const bool merge_row = l.cs == p.C && p.DW == 1 && p.KW > 1;
+  const int taps_n = merge_row ? p.KH : T, chans = merge_row ? p.KW * p.C : p.C;
   int32_t taps[64];
   std::vector<int32_t> many;
   int32_t* tap = taps;
-  if (T > 64) {
-    many.resize(size_t(T));
+  if (taps_n > 64) {
+    many.resize(size_t(taps_n));
     tap = many.data();
   }
   for (int ky = 0; ky < p.KH; ++ky)
-    for (int kx = 0; kx < p.KW; ++kx)
-      tap[ky * p.KW + kx] = int32_t((int64_t(ky) * p.DH * l.cols + int64_t(kx) * p.DW) * l.cs);
+    for (int kx = 0; kx < (merge_row ? 1 : p.KW); ++kx)
+      tap[ky * (merge_row ? 1 : p.KW) + kx] = int32_t((int64_t(ky) * p.DH * l.cols + int64_t(kx) * p.DW) * l.cs);
 
   // The sampled copy of a 1x1 conv is its output plane, pixel for pixel: one row of OH x OW
   // pixels, so tiles run on across output rows (a 7x7 plane is 8 full tiles and 1 pixel, not
@@ -274,7 +280,7 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   // per slice, so the slice's weights (8 KiB) stay in L1 while the tiles reuse them; partial
   // sums wait in a per-task buffer between slices.
   constexpr int64_t kSliceSteps = 128;
-  const int64_t steps = int64_t(T) * p.C;
+  const int64_t steps = int64_t(taps_n) * chans;
   // Tiles of a row as even as possible (8 pixels: 4 + 4, not 6 + 2): a narrow tile has too few
   // independent accumulators to keep the FMA units busy.
   const int row_tiles = int(ceil_div64(out_cols, kMaxPixels));
@@ -309,9 +315,9 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
           const int ox = ti * narrow + std::min(ti, wide_tiles), mr = narrow + (ti < wide_tiles ? 1 : 0);
           const float* x = xrow + int64_t(ox) * sw * l.cs;
           float(*out)[CB] = sums[(oy - oy0) * row_tiles + ti];
-          if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, p.C, w, s0, s1, s0 > 0, out);
-          else if (sw == 2) run_tile<2>(mr, x, 2, l.cs, tap, p.C, w, s0, s1, s0 > 0, out);
-          else run_tile<0>(mr, x, sw, l.cs, tap, p.C, w, s0, s1, s0 > 0, out);
+          if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
+          else if (sw == 2) run_tile<2>(mr, x, 2, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
+          else run_tile<0>(mr, x, sw, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
           if (s1 == steps) store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, ohw, yn, rn);
         }
       }
