@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "cpu/ops.h"
 #include "cpu/simd.h"
@@ -130,96 +131,220 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
   par.run(int64_t(p.N) * p.C, task);
 }
 
-// Stride-1 "same" windows (GoogLeNet and Inception branches) over whole planes: the plane is
-// pooled as one flat array, first down the columns (taps W floats apart), then along the rows
-// (taps 1 float apart), so vectors run across row ends; the few columns whose windows cross a
-// row end are redone afterwards. Per-row overheads, which dominate small planes, disappear.
+// Stride-1 "same" windows (GoogLeNet and Inception branches). Each plane is copied into a
+// scratch image with rh rows and rw columns of the identity (-inf or 0) around it, and pooled
+// there in two flat separable passes: down the columns (taps a padded row apart), then along
+// the rows (taps 1 float apart). With the borders in the image, vectors run across row ends
+// with no special cases, which matters on the small planes of these networks (7x7 to 35x35):
+// the per-row and per-border work, not the arithmetic, is what costs there. The borders are
+// written once per thread and call; planes overwrite only the interior.
 bool same_stride1(const Pool2dParams& p) {
   return p.SH == 1 && p.SW == 1 && p.DH == 1 && p.DW == 1 && p.KH % 2 == 1 && p.KW % 2 == 1 && p.KW <= 17 &&
-         p.PT == p.KH / 2 && p.PB == p.KH / 2 && p.PL == p.KW / 2 && p.PR == p.KW / 2 &&
-         p.OH == p.H && p.OW == p.W && p.KW <= p.W && p.W <= kMaxRowBuffer;
+         p.KH <= 17 && p.PT == p.KH / 2 && p.PB == p.KH / 2 && p.PL == p.KW / 2 && p.PR == p.KW / 2 &&
+         p.OH == p.H && p.OW == p.W && p.W <= kMaxRowBuffer;
+}
+
+struct SameS1Geometry {
+  int rh, rw, stride;  // padded row length
+  int64_t padded;      // floats of the padded image
+  int64_t body;        // floats of the H padded-stride rows the passes produce
+  // Scratch: padded image, column pass, row pass; each with 8 floats of slack for the last vector.
+  int64_t scratch() const { return padded + 2 * body + 3 * 16; }
+};
+SameS1Geometry same_s1_geometry(const Pool2dParams& p) {
+  SameS1Geometry g;
+  g.rh = p.KH / 2, g.rw = p.KW / 2, g.stride = p.W + 2 * g.rw;
+  g.padded = int64_t(p.H + 2 * g.rh) * g.stride;
+  g.body = int64_t(p.H) * g.stride;
+  return g;
+}
+
+// Lane masks for the first n (0..8) lanes.
+inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 3x3 stride-1 "same" windows, the GoogLeNet and Inception case, in one pass per plane. The
+// plane is copied into a scratch image whose rows start 8 floats in (after a border of the
+// identity) at a stride of whole vectors, so every vector load of the pass reads exactly what
+// one vector store of the copy wrote: on small planes the pass follows the copy within a few
+// hundred cycles, and a load straddling two stores still in the store buffer stalls (the flat
+// two-pass form spent most of its time so on 7x7 planes). Each vector of column results is
+// combined with its neighbours shifted by one lane in registers for the row direction.
+struct Pool3x3Geometry {
+  int stride;        // floats per scratch row: an 8-float left border, the row, 1+ identities
+  int blocks;        // vectors per row
+  int64_t floats;    // scratch image: H + 2 rows, plus a vector of slack
+};
+Pool3x3Geometry pool3x3_geometry(const Pool2dParams& p) {
+  Pool3x3Geometry g;
+  g.blocks = (p.W + 1 + 7) / 8;  // room for at least one identity after the row
+  g.stride = 8 + 8 * g.blocks;
+  g.floats = int64_t(p.H + 2) * g.stride + 8;
+  return g;
+}
+bool pool3x3_s1(const Pool2dParams& p) { return same_stride1(p) && p.KH == 3 && p.KW == 3; }
+
+// Lanes [1..7] of a then b[0]; and a[7] then lanes [0..6] of b.
+inline __m256 next_lane(__m256 a, __m256 b) {
+  const __m256i t = _mm256_castps_si256(_mm256_permute2f128_ps(a, b, 0x21));
+  return _mm256_castsi256_ps(_mm256_alignr_epi8(t, _mm256_castps_si256(a), 4));
+}
+inline __m256 prev_lane(__m256 a, __m256 b) {
+  const __m256i t = _mm256_castps_si256(_mm256_permute2f128_ps(a, b, 0x21));
+  return _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(b), t, 12));
+}
+
+template <bool kMax>
+void run_pool3x3_s1(const Pool2dParams& p, Parallel& par) {
+  const Pool3x3Geometry g = pool3x3_geometry(p);
+  const int64_t plane = int64_t(p.H) * p.W;
+  const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
+  alignas(32) float cinv[kMaxRowBuffer + 16] = {};  // 1 / window columns inside the image
+  for (int xx = 0; xx < p.W; ++xx) cinv[xx] = 1.0f / float(std::min(1, p.W - 1 - xx) + std::min(1, xx) + 1);
+  std::vector<char> ready(size_t(std::max(1, par.threads())), 0);
+  const int full = p.W / 8 * 8, tail = p.W - full;
+  const __m256i tail_mask = first_lanes(tail);
+  auto task = [&](int64_t t, int thread) {
+    const float* x = p.x + t * plane;
+    float* y = p.y + t * plane;
+    float* img = par.scratch(thread);
+    if (!ready[size_t(thread)]) {  // borders: written once, never overwritten by a plane
+      std::fill(img, img + g.floats, ident);
+      ready[size_t(thread)] = 1;
+    }
+    const __m256 identv = _mm256_set1_ps(ident);
+    __m256 nan = _mm256_setzero_ps();
+    for (int yy = 0; yy < p.H; ++yy) {
+      const float* src = x + int64_t(yy) * p.W;
+      float* dst = img + int64_t(yy + 1) * g.stride + 8;
+      for (int xx = 0; xx < full; xx += 8) {
+        const __m256 v = _mm256_loadu_ps(src + xx);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        _mm256_store_ps(dst + xx, v);
+      }
+      if (tail) {  // the lanes past the row stay the identity
+        const __m256 v = _mm256_maskload_ps(src + full, tail_mask);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        _mm256_store_ps(dst + full, _mm256_blendv_ps(identv, v, _mm256_castsi256_ps(tail_mask)));
+      }
+    }
+    const bool keep_nan = kMax && _mm256_movemask_ps(nan) != 0;
+    auto combine = [keep_nan](__m256 a, __m256 b) {
+      if (!kMax) return _mm256_add_ps(a, b);
+      return keep_nan ? max_keep_nan(a, b) : _mm256_max_ps(a, b);
+    };
+    const float whole = 1.0f / 9.0f;
+    for (int yy = 0; yy < p.H; ++yy) {
+      const float* r0 = img + int64_t(yy) * g.stride + 8;  // rows yy-1, yy, yy+1 of the image
+      const float* r1 = r0 + g.stride;
+      const float* r2 = r1 + g.stride;
+      auto column = [&](int b) {
+        return combine(combine(_mm256_load_ps(r0 + 8 * b), _mm256_load_ps(r1 + 8 * b)), _mm256_load_ps(r2 + 8 * b));
+      };
+      const float rinv = kMax || p.count_include_pad ? whole
+                                                     : 1.0f / float(std::min(1, p.H - 1 - yy) + std::min(1, yy) + 1);
+      float* dst = y + int64_t(yy) * p.W;
+      __m256 prev = identv, cur = column(0);
+      for (int b = 0; b * 8 < p.W; ++b) {
+        const __m256 next = b + 1 < g.blocks ? column(b + 1) : identv;
+        __m256 v = combine(combine(prev_lane(prev, cur), cur), next_lane(cur, next));
+        if (!kMax) {
+          v = _mm256_mul_ps(v, _mm256_set1_ps(rinv));
+          if (!p.count_include_pad) v = _mm256_mul_ps(v, _mm256_load_ps(cinv + 8 * b));
+        }
+        // A row's last vector is stored whole (the next row overwrites the spill) except on
+        // the last row, whose spill would land on the next plane.
+        if (8 * b + 8 <= p.W || yy + 1 < p.H) _mm256_storeu_ps(dst + 8 * b, v);
+        else _mm256_maskstore_ps(dst + 8 * b, tail_mask, v);
+        prev = cur, cur = next;
+      }
+    }
+  };
+  par.run(int64_t(p.N) * p.C, task);
 }
 
 template <bool kMax>
 void run_pool_same_s1(const Pool2dParams& p, Parallel& par) {
+  const SameS1Geometry g = same_s1_geometry(p);
   const int64_t plane = int64_t(p.H) * p.W;
-  const int rh = p.KH / 2, rw = p.KW / 2;
   const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
-  auto combine = [](__m256 a, __m256 b) { return kMax ? max_keep_nan(a, b) : _mm256_add_ps(a, b); };
-  auto combine1 = [](float a, float b) { return kMax ? max_keep_nan(a, b) : a + b; };
   // 1 / (columns of each window inside the image), for averages without the padding.
-  alignas(32) float cinv[kMaxRowBuffer];
-  for (int xx = 0; xx < std::min(p.W, kMaxRowBuffer); ++xx)
-    cinv[xx] = 1.0f / float(std::min(rw, p.W - 1 - xx) + std::min(rw, xx) + 1);
+  alignas(32) float cinv[kMaxRowBuffer + 8] = {};
+  for (int xx = 0; xx < p.W; ++xx)
+    cinv[xx] = 1.0f / float(std::min(g.rw, p.W - 1 - xx) + std::min(g.rw, xx) + 1);
+  std::vector<char> ready(size_t(std::max(1, par.threads())), 0);
   auto task = [&](int64_t t, int thread) {
     const float* x = p.x + t * plane;
     float* y = p.y + t * plane;
-    float* v = par.scratch(thread) + 8;  // the column pass, with 8 guard floats on each side
-    // 1. Down the columns: v[i] = op of x[i + dy*W] for the window rows inside the image.
+    float* xp = par.scratch(thread);
+    float* vp = xp + g.padded + 16;
+    float* hp = vp + g.body + 16;
+    if (!ready[size_t(thread)]) {  // the borders (and the slack) of this thread's image
+      std::fill(xp, xp + g.padded + 16, ident);
+      ready[size_t(thread)] = 1;
+    }
+    // Copy in, noting NaNs: without any, plain max (1 instruction) replaces the NaN-keeping one.
+    // Rows go in order and each row's last vector is stored whole, its lanes past the row set
+    // to the identity: they land on the border columns, on the next row (copied after it) or,
+    // after the last row, on the bottom border and the slack, all of which must hold the identity.
+    __m256 nan = _mm256_setzero_ps();
+    const __m256 identv = _mm256_set1_ps(ident);
+    const int full = p.W / 8 * 8, tail = p.W - full;
+    const __m256i tail_mask = first_lanes(tail);
     for (int yy = 0; yy < p.H; ++yy) {
-      const int lo = std::max(-rh, -yy), hi = std::min(rh, p.H - 1 - yy);
-      // Runs of rows with the same tap range share one flat loop.
-      int y1 = yy + 1;
-      while (y1 < p.H && std::max(-rh, -y1) == lo && std::min(rh, p.H - 1 - y1) == hi) ++y1;
-      const int64_t i0 = int64_t(yy) * p.W, i1 = int64_t(y1) * p.W;
-      int64_t i = i0;
-      for (; i + 8 <= i1; i += 8) {
-        __m256 m = _mm256_loadu_ps(x + i + int64_t(lo) * p.W);
-        for (int dy = lo + 1; dy <= hi; ++dy) m = combine(m, _mm256_loadu_ps(x + i + int64_t(dy) * p.W));
-        _mm256_storeu_ps(v + i, m);
+      const float* src = x + int64_t(yy) * p.W;
+      float* dst = xp + int64_t(yy + g.rh) * g.stride + g.rw;
+      for (int xx = 0; xx < full; xx += 8) {
+        const __m256 v = _mm256_loadu_ps(src + xx);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        _mm256_storeu_ps(dst + xx, v);
       }
-      for (; i < i1; ++i) {
-        float m = x[i + int64_t(lo) * p.W];
-        for (int dy = lo + 1; dy <= hi; ++dy) m = combine1(m, x[i + int64_t(dy) * p.W]);
-        v[i] = m;
+      if (tail) {
+        const __m256 v = _mm256_maskload_ps(src + full, tail_mask);  // masked lanes read as 0
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        _mm256_storeu_ps(dst + full, _mm256_blendv_ps(identv, v, _mm256_castsi256_ps(tail_mask)));
       }
-      yy = y1 - 1;
     }
-    // 2. Along the rows, flat: right for every column whose window stays inside its row.
-    int64_t i = 0;
-    for (; i + 8 <= plane; i += 8) {
-      __m256 m = _mm256_loadu_ps(v + i - rw);
-      for (int dx = -rw + 1; dx <= rw; ++dx) m = combine(m, _mm256_loadu_ps(v + i + dx));
-      _mm256_storeu_ps(y + i, m);
+    if (tail && g.rw == 0) {
+      // No border columns: the whole-vector tails spilled into the bottom rows; restore them.
+      std::fill(xp + g.padded - int64_t(g.rh) * g.stride, xp + g.padded + 16, ident);
     }
-    for (; i < plane; ++i) {
-      float m = v[i - rw];
-      for (int dx = -rw + 1; dx <= rw; ++dx) m = combine1(m, v[i + dx]);
-      y[i] = m;
+    const bool keep_nan = kMax && _mm256_movemask_ps(nan) != 0;
+    auto combine = [keep_nan](__m256 a, __m256 b) {
+      if (!kMax) return _mm256_add_ps(a, b);
+      return keep_nan ? max_keep_nan(a, b) : _mm256_max_ps(a, b);
+    };
+    // Down the columns, flat over the H body rows (the slack past the image holds the identity).
+    const int taps_y = 2 * g.rh + 1, taps_x = 2 * g.rw + 1;
+    for (int64_t i = 0; i < g.body; i += 8) {
+      __m256 m = _mm256_loadu_ps(xp + i);
+      for (int dy = 1; dy < taps_y; ++dy) m = combine(m, _mm256_loadu_ps(xp + i + int64_t(dy) * g.stride));
+      _mm256_storeu_ps(vp + i, m);
     }
-    // 3. Redo the columns near the row ends, whose flat windows wrapped into the next row.
-    for (int yy = 0; yy < p.H && rw > 0; ++yy) {  // a 1-wide window never wraps
-      const float* vr = v + int64_t(yy) * p.W;
-      float* yr = y + int64_t(yy) * p.W;
-      for (int xx = 0; xx < p.W; ++xx) {
-        if (xx == rw && p.W - rw > rw) xx = p.W - rw;  // skip the interior
-        float m = ident;
-        bool any = false;
-        for (int dx = -rw; dx <= rw; ++dx) {
-          const int c = xx + dx;
-          if (c < 0 || c >= p.W) continue;
-          m = any ? combine1(m, vr[c]) : vr[c];
-          any = true;
+    // Along the rows, flat: output (yy, xx) lands at hp[yy * stride + xx].
+    for (int64_t i = 0; i < g.body; i += 8) {
+      __m256 m = _mm256_loadu_ps(vp + i);
+      for (int dx = 1; dx < taps_x; ++dx) m = combine(m, _mm256_loadu_ps(vp + i + dx));
+      _mm256_storeu_ps(hp + i, m);
+    }
+    // Copy out (averages: divided by the window area inside the image, or the whole window).
+    // A row's last vector is stored whole (the next row overwrites the spill) except on the
+    // last row, whose spill would land on the next plane.
+    const float whole = 1.0f / float(p.KH * p.KW);
+    for (int yy = 0; yy < p.H; ++yy) {
+      const float* src = hp + int64_t(yy) * g.stride;
+      float* dst = y + int64_t(yy) * p.W;
+      const float rinv = kMax || p.count_include_pad ? whole
+                                                     : 1.0f / float(std::min(g.rh, p.H - 1 - yy) + std::min(g.rh, yy) + 1);
+      for (int xx = 0; xx < p.W; xx += 8) {
+        __m256 v = _mm256_loadu_ps(src + xx);
+        if (!kMax) {
+          v = _mm256_mul_ps(v, _mm256_set1_ps(rinv));
+          if (!p.count_include_pad) v = _mm256_mul_ps(v, _mm256_loadu_ps(cinv + xx));
         }
-        yr[xx] = m;
-      }
-    }
-    if (!kMax) {  // divide by the window area inside the image, or the whole window
-      if (p.count_include_pad) {
-        const __m256 inv = _mm256_set1_ps(1.0f / float(p.KH * p.KW));
-        int64_t j = 0;
-        for (; j + 8 <= plane; j += 8) _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_loadu_ps(y + j), inv));
-        for (; j < plane; ++j) y[j] *= 1.0f / float(p.KH * p.KW);
-      } else {
-        for (int yy = 0; yy < p.H; ++yy) {
-          const float rinv = 1.0f / float(std::min(rh, p.H - 1 - yy) + std::min(rh, yy) + 1);
-          float* yr = y + int64_t(yy) * p.W;
-          int xx = 0;
-          for (; xx + 8 <= p.W; xx += 8)
-            _mm256_storeu_ps(yr + xx, _mm256_mul_ps(_mm256_loadu_ps(yr + xx),
-                                                    _mm256_mul_ps(_mm256_set1_ps(rinv), _mm256_loadu_ps(cinv + xx))));
-          for (; xx < p.W; ++xx) yr[xx] *= rinv * cinv[xx];
-        }
+        if (xx + 8 <= p.W || yy + 1 < p.H) _mm256_storeu_ps(dst + xx, v);
+        else _mm256_maskstore_ps(dst + xx, tail_mask, v);
       }
     }
   };
@@ -302,17 +427,20 @@ static bool buffered(const Pool2dParams& p) {
 }
 
 size_t pool2d_scratch_floats(const Pool2dParams& p) {
-  return same_stride1(p) ? size_t(p.H) * p.W + 16 : 0;
+  if (pool3x3_s1(p)) return size_t(pool3x3_geometry(p).floats);
+  return same_stride1(p) ? size_t(same_s1_geometry(p).scratch()) : 0;
 }
 
 void run_maxpool2d(const Pool2dParams& p, Parallel& par) {
-  if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<true>(p, par);
+  if (pool3x3_s1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool3x3_s1<true>(p, par);
+  else if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<true>(p, par);
   else if (buffered(p)) run_pool<true>(p, par);
   else maxpool_direct(p, par);
 }
 
 void run_avgpool2d(const Pool2dParams& p, Parallel& par) {
-  if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<false>(p, par);
+  if (pool3x3_s1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool3x3_s1<false>(p, par);
+  else if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<false>(p, par);
   else if (buffered(p)) run_pool<false>(p, par);
   else avgpool_direct(p, par);
 }

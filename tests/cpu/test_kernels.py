@@ -83,6 +83,12 @@ POOL_CASES = [
     ({"kernel_shape": [5, 3], "strides": [1, 1], "pads": [2, 1, 2, 1]}, (2, 3, 17, 13)),
     ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 2, 1, 3)),
     ({"kernel_shape": [7, 7], "strides": [1, 1], "pads": [3, 3, 3, 3]}, (1, 2, 5, 6)),
+    # 3x3 ones in one pass: rows of exactly 1 and 2 vectors, a 1-wide and a 1-high plane, tails
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (2, 3, 8, 8)),
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 2, 5, 16)),
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 3, 6, 1)),
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (1, 3, 1, 11)),
+    ({"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, (3, 5, 17, 23)),
     # 1x1 windows (adaptive pooling to the input's own size exports as these)
     ({"kernel_shape": [1, 1], "strides": [1, 1]}, (1, 7, 6, 6)),
     ({"kernel_shape": [3, 1], "strides": [1, 1], "pads": [1, 0, 1, 0]}, (1, 3, 9, 7)),
@@ -100,6 +106,29 @@ def test_maxpool(attrs: dict, shape: tuple) -> None:
 def test_avgpool(attrs: dict, shape: tuple, count_include_pad: int) -> None:
     check("AveragePool", {"x": rand(*shape)}, attrs | {"count_include_pad": count_include_pad},
           ref_impl="ort")
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 7, 7), (1, 1, 9, 17), (2, 3, 5, 8)])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_maxpool_same_window_keeps_nan(shape: tuple, kernel: int) -> None:
+    """A window holding a NaN gives NaN, wherever the NaN sits (row ends, plane corners)."""
+    from onnx import TensorProto, helper
+
+    x = rand(*shape)
+    x[0, 0, 0, -1] = np.nan
+    x[-1, -1, shape[2] // 2, 0] = np.nan
+    r = kernel // 2
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[kernel, kernel], pads=[r] * 4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    got = cbir_engine.load(model.SerializeToString()).run({"x": x})["y"]
+    padded = np.pad(x, [(0, 0), (0, 0), (r, r), (r, r)], constant_values=-np.inf)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kernel, kernel), axis=(2, 3))
+    want = np.where(np.isnan(windows).any(axis=(-2, -1)), np.nan, np.nanmax(windows, axis=(-2, -1)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).any()
+    np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
 
 
 def test_maxpool_dilations() -> None:
