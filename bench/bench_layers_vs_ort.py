@@ -96,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, ms in ort_ms.items():
             key = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
             if key in ours:
-                rows.append((ours[key][0] - ms, ours[key][0], ms, ours[key][1].split(" +")[0], detail.get(key, "")))
+                label = ours[key][1].split(" +")[0]
+                rows.append((ours[key][0] - ms, ours[key][0], ms, label, detail.get(key, "")))
         print(f"\nthe {args.per_layer} layers with the largest loss (ours - ORT):")
         print(f"{'our kernel':<28}{'shape':<34}{'ours ms':>9}{'ORT ms':>9}{'ratio':>7}")
-        for gap, o, r, label, shape in sorted(rows, reverse=True)[: args.per_layer]:
+        for _, o, r, label, shape in sorted(rows, reverse=True)[: args.per_layer]:
             print(f"{label:<28}{shape:<34}{o:>9.3f}{r:>9.3f}{o / r:>7.2f}")
     return 0
 

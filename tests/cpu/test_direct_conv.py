@@ -61,8 +61,8 @@ def conv_model(case, fused: str) -> tuple[bytes, dict, float]:
         out = "y"
     inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
              numpy_helper.from_array(np.float32(-0.5), "lo"), numpy_helper.from_array(np.float32(0.5), "hi")]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
-                              inits)
+    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return model, feeds, out
 

@@ -119,8 +119,9 @@ def test_maxpool_same_window_keeps_nan(shape: tuple, kernel: int) -> None:
     x[-1, -1, shape[2] // 2, 0] = np.nan
     r = kernel // 2
     node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[kernel, kernel], pads=[r] * 4)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "g", [x_info], [y_info])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     got = cbir_engine.load(model.SerializeToString()).run({"x": x})["y"]
     padded = np.pad(x, [(0, 0), (0, 0), (r, r), (r, r)], constant_values=-np.inf)
