@@ -87,6 +87,16 @@ def timed(fn, gap_s: float = 0.0) -> tuple[float, float]:
     return t, others / t
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while ours waited (all CPUs; /proc/stat, Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS)
@@ -111,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.threads * max(_C.measure_fma_gflops(1, 0.3) for _ in range(3))
     print(f"{cpu_name()}, {args.threads} threads, measured FMA peak {peak:.0f} GFLOP/s (fp32 AVX2)")
     header = (f"{'model':<14}{'batch':>6}{'ours ms':>10}{'ORT ms':>10}{'torch ms':>10}"
-              f"{'ours/ORT':>10}{'ours/torch':>12}{'GFLOP/s':>9}{'% peak':>8}{'busy':>6}")
+              f"{'ours/ORT':>10}{'p25-p75':>11}{'ours/torch':>12}{'GFLOP/s':>9}{'% peak':>8}{'busy':>6}"
+              f"{'steal':>7}")
     print(header)
     rows = []
     for name in args.models.split(","):
@@ -143,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
             runners = {"ours": run_ours, "ort": run_ort} | ({} if module is None else {"torch": run_torch})
             times: dict[str, list[float]] = {k: [] for k in runners}
             busy: list[float] = []
+            steal0, wall0 = steal_seconds(), time.perf_counter()
             names = list(runners)
             for r in range(args.rounds):
                 for key in names[r % len(names):] + names[:r % len(names)]:
                     t, others = timed(runners[key], args.gap_ms / 1e3)
                     times[key].append(t)
                     busy.append(others)
+            steal = (steal_seconds() - steal0) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
             t_ours, t_ort, t_torch = times["ours"], times["ort"], times.get("torch", [])
             r_ort = [a / b for a, b in zip(t_ours, t_ort, strict=True)]
+            q25, _, q75 = statistics.quantiles(r_ort, n=4) if len(r_ort) > 1 else (r_ort[0],) * 3
             r_torch = [a / c for a, c in zip(t_ours, t_torch, strict=True)] if t_torch else []
             flops = sum(r["flops"] for r in engine.profile(x))
             med = statistics.median(t_ours)
@@ -167,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 "ours_over_torch": round(statistics.median(r_torch), 3) if r_torch else "",
                 "gflops": round(gflops, 1), "peak_gflops": round(peak, 1),
                 "others_busy": round(statistics.median(busy), 2),
-                "note": f"rotating order, {args.gap_ms:g} ms idle before each run",
+                "note": f"rotating order, {args.gap_ms:g} ms idle before each run; ours/ORT p25-p75 "
+                        f"{q25:.2f}-{q75:.2f}; host steal {100 * steal:.1f}% of the CPUs",
             }
             rows.append(row)
             torch_ms = f"{row['torch_ms']:>10.1f}" if t_torch else f"{'-':>10}"
             r_t = f"{row['ours_over_torch']:>12.2f}" if r_torch else f"{'-':>12}"
             print(f"{name:<14}{batch:>6}{row['ours_ms']:>10.1f}{row['ort_ms']:>10.1f}{torch_ms}"
-                  f"{row['ours_over_ort']:>10.2f}{r_t}{gflops:>9.1f}{100 * gflops / peak:>7.0f}%"
-                  f"{row['others_busy']:>6.2f}",
+                  f"{row['ours_over_ort']:>10.2f}{f'{q25:.2f}-{q75:.2f}':>11}{r_t}{gflops:>9.1f}"
+                  f"{100 * gflops / peak:>7.0f}%{row['others_busy']:>6.2f}{100 * steal:>6.1f}%",
                   flush=True)
     if not args.no_csv:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
