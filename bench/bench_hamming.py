@@ -11,9 +11,12 @@ Timings are interleaved (method A, B, C, D, A, B, ...); a ratio is the median ov
 the per-repetition ratio, never a ratio of two separately taken times. "1 query" means queries
 sent one call at a time (QPS = queries / total time); "1000 queries" is one batched call.
 
-Datasets: "random" (uniform random bits) and "lsh-clustered" (sign random projections of
-clustered Gaussian data: correlated bits and skewed buckets, like learned or LSH hashes; a
-stand-in for real codes, since no real image codes are available offline here).
+Datasets: "random" (uniform random bits); "fashion-cnn", real codes: sign random projections
+(LSH) of the 128-d GeM descriptors that the package's own Fashion-MNIST hashing model computes
+for real images (Fashion-MNIST's 68,000 database images, shifted by whole pixels to reach 1M;
+queries are 2,000 held-out test images; descriptors cached under ~/.cache/cbir-engine/bench, about
+3 minutes per million images to compute on 2 cores); and "lsh-clustered" (sign random projections
+of clustered Gaussian data, a synthetic stand-in that reaches any size).
 
     python bench/bench_hamming.py                       # the full grid (about an hour on 2 cores)
     python bench/bench_hamming.py --sizes 100000 --reps 2 --no-csv   # a quick look
@@ -103,8 +106,66 @@ def version() -> str:
     return f"cbir-engine {getattr(cbir_engine, '__version__', '?')} {commit}".strip()
 
 
-def make_codes(dataset: str, n: int, bits: int, seed: int) -> np.ndarray:
+FASHION_QUERIES = 2000  # held-out test images, never in the database
+FASHION_SHIFTS = [(dy, dx) for r in range(6) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+                  if max(abs(dy), abs(dx)) == r]  # (0, 0) first, then rings of growing shifts
+
+
+def fashion_descriptors(role: str, n: int) -> np.ndarray:
+    """GeM descriptors (128-d) of real images from the hashing model that ships with the package:
+    Fashion-MNIST's 70,000 images, shifted by whole pixels to reach n (68,000 images per shift,
+    up to 121 shifts), or for queries the 2,000 held-out test images. Cached under
+    ~/.cache/cbir-engine/bench (about 3 minutes per million images on 2 cores)."""
+    import onnx
+
+    import cbir_engine
+    from cbir_engine.data.datasets import fashion_mnist
+
+    cache = Path.home() / ".cache" / "cbir-engine" / "bench" / f"fashion_gem_{role}_{n}.npy"
+    if cache.exists():
+        return np.load(cache).astype(np.float32)
+    images, _ = fashion_mnist("all")
+    pool = images[:-FASHION_QUERIES] if role == "db" else images[-FASHION_QUERIES:]
+    if n > len(pool) * len(FASHION_SHIFTS):
+        raise SystemExit(f"fashion-cnn: at most {len(pool) * len(FASHION_SHIFTS):,} {role} codes")
+    model = onnx.load(str(Path(cbir_engine.__file__).parent / "assets" / "fashion_mnist_hash48.onnx"))
+    pooled = [o for n_ in model.graph.node if n_.op_type == "Gemm" for o in n_.input[:1]][0]
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(pooled, onnx.TensorProto.FLOAT, None))
+    engine = cbir_engine.load(model.SerializeToString(), threads=os.cpu_count() or 1)
+    out = np.empty((n, 128), np.float32)
+    done = 0
+    for dy, dx in FASHION_SHIFTS:
+        padded = np.pad(pool, [(0, 0), (6, 6), (6, 6)])
+        shifted = padded[:, 6 - dy : 6 - dy + 28, 6 - dx : 6 - dx + 28]
+        for s in range(0, len(shifted), 4096):
+            if done >= n:
+                break
+            batch = shifted[s : min(len(shifted), s + 4096, s + n - done)]
+            out[done : done + len(batch)] = engine((batch[:, None] / np.float32(255)).astype(np.float32))
+            done += len(batch)
+        if done >= n:
+            break
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, out.astype(np.float16))
+    os.replace(tmp, cache)
+    return out
+
+
+def make_codes(dataset: str, n: int, bits: int, seed: int, role: str = "db") -> np.ndarray:
     rng = np.random.default_rng(seed)
+    if dataset == "fashion-cnn":
+        # Real codes: sign random projections (LSH) of real CNN descriptors of real images. The
+        # projection and the centring are fixed per bit length, shared by database and queries.
+        desc = fashion_descriptors(role, n)
+        centre = fashion_descriptors("db", 68000).mean(axis=0)  # the unshifted database images
+        proj = np.random.default_rng(4242 + bits).standard_normal((desc.shape[1], bits)).astype(np.float32)
+        out = np.empty((n, bits // 8), dtype=np.uint8)
+        for s in range(0, n, 1 << 18):
+            out[s : s + (1 << 18)] = np.packbits(((desc[s : s + (1 << 18)] - centre) @ proj) > 0, axis=1,
+                                                 bitorder="little")
+        return out
     if dataset == "random":
         return rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
     # lsh-clustered: x = center + noise in 64-d, code = sign(x @ R). The projection is fixed per
@@ -342,7 +403,7 @@ def plot(rows, path: Path) -> None:
     # One colour and marker per method, one line style per dataset, the same in every panel.
     colours = {"ours-flat": "C0", "ours-mih": "C3", "faiss-flat": "C2", "faiss-mih": "C7"}
     markers = {"ours-flat": "o", "ours-mih": "s", "faiss-flat": "o", "faiss-mih": "s"}
-    lines = {"random": "-", "lsh-clustered": ":"}
+    lines = {"random": "-", "lsh-clustered": ":", "fashion-cnn": "--"}
     for a, nq in enumerate(modes):
         for b, bits in enumerate(bits_list):
             ax = axes[a][b]
@@ -456,7 +517,8 @@ def main() -> None:
             for bits in bits_list:
                 for n in sizes:
                     db = make_codes(dataset, n, bits, seed=n + bits)
-                    qsrc = make_codes(dataset, max(max(modes), args.single_queries), bits, seed=99 + bits)
+                    qsrc = make_codes(dataset, max(max(modes), args.single_queries), bits, seed=99 + bits,
+                                      role="query")
                     queries_by_mode = {
                         m: (qsrc[: args.single_queries] if m == 1 else qsrc[:m]) for m in modes
                     }

@@ -41,12 +41,16 @@ CBIR_AVX512 void scan64(const ScanArgs& a) {
   auto query_word = [&](int r, int w) CBIR_AVX512 {
     return kHeldWords > 0 ? held[r * kHeldWords + w] : _mm512_set1_epi64(int64_t(q[r * words + w]));
   };
-  auto loosest_limit = [&]() {
-    int32_t m = a.accept_max[0];
-    for (int r = 1; r < R; ++r) m = a.accept_max[r] > m ? a.accept_max[r] : m;
-    return m;
+  // Each query's limit in a register: the loop asks whether any lane is within its own query's
+  // limit. (Asking whether the closest query is within the loosest limit costs the same but
+  // passes far too often on real codes, whose queries differ: one query's tight neighbours fell
+  // within another's loose limit, and the scan ran at half speed.)
+  __m512i limit[R];
+  auto load_limits = [&]() CBIR_AVX512 {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) limit[r] = _mm512_set1_epi64(a.accept_max[r]);
   };
-  __m512i loosest = _mm512_set1_epi64(loosest_limit());
+  load_limits();
   const __m512i lane_index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i end_pos = _mm512_set1_epi64(a.end_pos);
   uint64_t* out = a.candidates;
@@ -67,10 +71,10 @@ CBIR_AVX512 void scan64(const ScanArgs& a) {
         dist[r] = _mm512_add_epi64(dist[r], _mm512_popcnt_epi64(_mm512_xor_si512(x, query_word(r, w))));
     }
     // Signed compares: a limit is -1 once nothing can enter any more.
-    __m512i closest = dist[0];
+    __mmask8 any = 0;
 #pragma GCC unroll 8
-    for (int r = 1; r < R; ++r) closest = _mm512_min_epi64(closest, dist[r]);
-    if (__builtin_expect(_mm512_cmple_epi64_mask(closest, loosest) != 0, 0)) {
+    for (int r = 0; r < R; ++r) any |= _mm512_cmple_epi64_mask(dist[r], limit[r]);
+    if (__builtin_expect(any != 0, 0)) {
       const __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(a.first_pos + b * 8), lane_index);
       const __mmask8 inside = _mm512_cmplt_epi64_mask(pos, end_pos);
 #pragma GCC unroll 8
@@ -85,7 +89,7 @@ CBIR_AVX512 void scan64(const ScanArgs& a) {
       if (count >= kFlushAt) {
         a.sink->take(out, count);
         count = 0;
-        loosest = _mm512_set1_epi64(loosest_limit());
+        load_limits();
       }
     }
   }
@@ -100,12 +104,12 @@ CBIR_AVX512 void scan32(const ScanArgs& a) {
   __m512i qv[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) qv[r] = _mm512_set1_epi32(int32_t(uint32_t(a.query_words[r])));
-  auto loosest_limit = [&]() {
-    int32_t m = a.accept_max[0];
-    for (int r = 1; r < R; ++r) m = a.accept_max[r] > m ? a.accept_max[r] : m;
-    return m;
+  __m512i limit[R];  // each query's own limit, as in scan64
+  auto load_limits = [&]() CBIR_AVX512 {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) limit[r] = _mm512_set1_epi32(a.accept_max[r]);
   };
-  __m512i loosest = _mm512_set1_epi32(loosest_limit());
+  load_limits();
   const __m512i lane_index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i end_pos = _mm512_set1_epi64(a.end_pos);
   uint64_t* out = a.candidates;
@@ -115,10 +119,10 @@ CBIR_AVX512 void scan32(const ScanArgs& a) {
     __m512i dist[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) dist[r] = _mm512_popcnt_epi32(_mm512_xor_si512(x, qv[r]));
-    __m512i closest = dist[0];
+    __mmask16 any = 0;
 #pragma GCC unroll 8
-    for (int r = 1; r < R; ++r) closest = _mm512_min_epi32(closest, dist[r]);
-    if (__builtin_expect(_mm512_cmple_epi32_mask(closest, loosest) != 0, 0)) {
+    for (int r = 0; r < R; ++r) any |= _mm512_cmple_epi32_mask(dist[r], limit[r]);
+    if (__builtin_expect(any != 0, 0)) {
       for (int half = 0; half < 2; ++half) {
         const __m512i pos = _mm512_add_epi64(_mm512_set1_epi64(a.first_pos + b * 16 + half * 8), lane_index);
         const __mmask8 inside = _mm512_cmplt_epi64_mask(pos, end_pos);
@@ -136,7 +140,7 @@ CBIR_AVX512 void scan32(const ScanArgs& a) {
       if (count >= kFlushAt) {
         a.sink->take(out, count);
         count = 0;
-        loosest = _mm512_set1_epi32(loosest_limit());
+        load_limits();
       }
     }
   }

@@ -93,6 +93,29 @@ def test_large_database_tiles_splits_and_large_k(isa, bits, threads):
     check_knn(index, db, ids, q2, 10)
 
 
+@pytest.mark.parametrize("bits", [24, 32, 64, 128])
+def test_queries_with_very_different_limits_in_one_block(isa, bits):
+    """Real codes: some queries sit in dense clusters (tight k-th distances), others far from
+    everything (loose ones), side by side in one register block of the scan. Each query must get
+    its own exact neighbours whatever its neighbours in the block accept."""
+    rng = np.random.default_rng(bits)
+    centres = random_codes(rng, 20, bits)
+    n = 30_011
+    db = centres[rng.integers(0, 20, size=n)].copy()
+    flips = rng.random((n, bits)) < 0.04  # near-duplicates around each centre
+    db ^= np.packbits(flips, axis=1, bitorder="little")
+    db[::5] = random_codes(rng, len(db[::5]), bits)  # and a scattered background
+    near = centres[rng.integers(0, 20, size=9)] ^ np.packbits(rng.random((9, bits)) < 0.02, axis=1,
+                                                                bitorder="little")
+    far = random_codes(rng, 9, bits)
+    q = np.stack([near, far], axis=1).reshape(18, bits // 8)  # alternate tight and loose queries
+    index = HammingIndex(bits, method="flat", threads=2)
+    index.add(db)
+    ids = np.arange(n, dtype=np.int64)
+    for k in (1, 10, 100):
+        check_knn(index, db, ids, q, k)
+
+
 @pytest.mark.parametrize("bits", [8, 64, 96, 256])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("method", ["flat", "mih"])
