@@ -47,11 +47,10 @@ from cbir_engine.graph.passes import decompose_batchnorm, propagate, run_to_fixp
 from cbir_engine.graph.passes.dead_nodes import remove_dead_nodes
 from cbir_engine.graph.passes.remove_identity import remove_identity
 from cbir_engine.graph.shapes import norm_axis, window_geometry
+from cbir_engine.plan.lower import epilogue_activation
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 BACKENDS = ("triton", "cuda", "auto")
-ACT_CODES = {"": 0, "Relu": 1, "Clip": 2, "LeakyRelu": 3, "Sigmoid": 4}
-
 KERNEL_OPS = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "NetVLAD"}
 UNARY_OPS = {
     "Relu",
@@ -107,21 +106,6 @@ def pick_fastest(candidates: dict[str, Any], timer: Callable[[Any], float]) -> t
         assert error is not None
         raise error
     return best, times
-
-
-def epilogue_activation(node: Node) -> tuple[int, float, float]:
-    """The fused activation of a node as the kernels take it: (code, lo, hi), where lo/hi are
-    Clip's bounds and lo is LeakyRelu's alpha."""
-    act = node.attrs.get("activation", "")
-    if act not in ACT_CODES:
-        raise UnsupportedOpError(node.op, node.origin or node.name, node.opset, f"fused activation {act}")
-    a = node.attrs.get("activation_attrs", {})
-    if act == "Clip":
-        lo, hi = a.get("min"), a.get("max")
-        return ACT_CODES[act], -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi)
-    if act == "LeakyRelu":
-        return ACT_CODES[act], float(a.get("alpha", 0.01)), 0.0
-    return ACT_CODES[act], 0.0, 0.0
 
 
 def interpreting() -> bool:

@@ -53,6 +53,8 @@ def winograd_method(c: int, k: int, oh: int, ow: int) -> str | None:
     if 4 <= oh < 12 and 4 <= ow < 12:
         return "winograd_f2"
     return None
+
+
 def direct_pays(c: int, k: int, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int) -> bool:
     """Whether the direct kernel (output channels in the vector lanes, pixels broadcast from an
     NHWC copy of the input) beats the GEMM path for an ungrouped conv that Winograd does not take.
@@ -99,8 +101,12 @@ class PlanStep:
     outputs: list[str] = field(default_factory=list)
 
 
-def _act(node: Node) -> tuple[int, float, float]:
+def epilogue_activation(node: Node) -> tuple[int, float, float]:
+    """The fused activation of a node as the kernels take it (CPU and GPU): (code, lo, hi), where
+    lo/hi are Clip's bounds and lo is LeakyRelu's alpha."""
     act = node.attrs.get("activation", "")
+    if act not in ACT:
+        raise UnsupportedOpError(node.op, node.origin or node.name, node.opset, f"fused activation {act}")
     a = node.attrs.get("activation_attrs", {})
     if act == "Clip":
         lo, hi = a.get("min"), a.get("max")
@@ -290,26 +296,21 @@ class Lowering:
             method = "direct"
         from cbir_engine import _C
 
-        if method == "winograd":
-            w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
-            w_op = self.packed(w_name, "winograd_f4x3", lambda: _C.pack_winograd_weight(w4))
-            prepacked = 1
-        elif method == "winograd_f2":
-            w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
-            w_op = self.packed(w_name, "winograd_f2x3", lambda: _C.pack_winograd2_weight(w4))
-            prepacked = 1
-        elif method == "direct":
-            w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")  # type: ignore[union-attr]
-            w_op = self.packed(w_name, "direct_conv", lambda: _C.pack_direct_conv_weight(w4))
-            prepacked = 1
-        elif method == "depthwise" or w_const is None:
+        if method == "depthwise" or w_const is None:
             w_op = self.operand(w_name, w_raw_shape)
             prepacked = 0
         else:
+            # Each method's prepacked weight layout: the plan file keeps it under `kind`.
+            kind, pack = {
+                "winograd": ("winograd_f4x3", _C.pack_winograd_weight),
+                "winograd_f2": ("winograd_f2x3", _C.pack_winograd2_weight),
+                "direct": ("direct_conv", _C.pack_direct_conv_weight),
+                "gemm": (f"conv_g{group}", lambda w: _C.pack_conv2d_weight(w, group)),
+            }[method]
             w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")
-            w_op = self.packed(w_name, f"conv_g{group}", lambda: _C.pack_conv2d_weight(w4, group))
+            w_op = self.packed(w_name, kind, lambda: pack(w4))
             prepacked = 1
-        act, act_a, act_b = _act(node)
+        act, act_a, act_b = epilogue_activation(node)
         ints = [kh, kw, sh, sw, pt, pl, dh, dw, group, act, CONV_METHOD[method], prepacked]
         operands = [self.operand(node.inputs[0], x4), w_op, self.operand(node.input(2)),
                     self.operand(node.input(3), y4), self.operand(node.outputs[0], y4)]
@@ -338,7 +339,7 @@ class Lowering:
         key = node.outputs[0]
         s_op = Operand((k.size,), const=self.constant(f"bn_scale:{key}", lambda: k))
         h_op = Operand((k.size,), const=self.constant(f"bn_shift:{key}", lambda: bias - mean * k))
-        act, act_a, act_b = _act(node)
+        act, act_a, act_b = epilogue_activation(node)
         self.emit(node, "channel_affine", [act], [act_a, act_b],
                   [self.operand(node.inputs[0]), s_op, h_op, self.operand(node.outputs[0])],
                   label="channel_affine")
@@ -438,7 +439,7 @@ class Lowering:
                 res_op = self.operand(c_name)
                 res_rs = 0 if full[0] == 1 else full[1]
                 res_cs = 0 if full[1] == 1 else 1
-        act, act_a, act_b = _act(node)
+        act, act_a, act_b = epilogue_activation(node)
         self.emit(
             node, "gemm",
             [M, N, K, a_packed, a_rs, a_cs, b_packed, b_rs, b_cs, bias_mode, res_rs, res_cs, act, 0],
@@ -520,7 +521,7 @@ class Lowering:
             shape, (a_st, b_st) = _collapse(list(out), a_st, b_st)
         if len(shape) > MAX_RANK:
             self.fail(node, f"rank {len(shape)} after merging dims (at most {MAX_RANK})")
-        act, act_a, act_b = _act(node)
+        act, act_a, act_b = epilogue_activation(node)
         operands = [self.operand(a_name), b_op, self.operand(node.outputs[0])]
         residual = node.input(2) if b_name is not None else ""
         if residual:  # fuse_residual_eltwise: same shape as the output, added before the activation
