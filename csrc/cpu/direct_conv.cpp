@@ -14,6 +14,16 @@ constexpr int kMaxPixels = 6;  // 12 accumulators + 2 weight vectors + 1 broadca
 
 int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// One pixel's pair of accumulators (its 16 output channels) += broadcast(x) * weights.
+inline void fma_pixel(__m256& lo, __m256& hi, const float* x, __m256 w0, __m256 w1) {
+  const __m256 b = _mm256_broadcast_ss(x);
+  lo = _mm256_fmadd_ps(b, w0, lo), hi = _mm256_fmadd_ps(b, w1, hi);
+}
+inline void load_pair(__m256& lo, __m256& hi, const float* from) {
+  lo = _mm256_loadu_ps(from), hi = _mm256_loadu_ps(from + 8);
+}
+inline void store_pair(__m256 lo, __m256 hi, float* to) { _mm256_storeu_ps(to, lo), _mm256_storeu_ps(to + 8, hi); }
+
 // One tile: output channels [16 kb, 16 kb + 16) x MR pixels of one output row, over the NHWC
 // copy of the input, for the steps [s0, s1) of the reduction (step s = tap s / C, channel s % C).
 // `x` points at channel 0 of the input pixel under tap (0, 0) of the tile's first pixel; taps[t]
@@ -29,51 +39,28 @@ inline void tile(const float* x, int sw, int64_t cs, const int32_t* taps, int C,
   // chain) and not the FMA throughput would set the pace.
   __m256 b00 = a00, b01 = a00, b10 = a00, b11 = a00, b20 = a00, b21 = a00;
   if (accumulate) {
-    a00 = _mm256_loadu_ps(out[0]), a01 = _mm256_loadu_ps(out[0] + 8);
-    if constexpr (MR > 1) a10 = _mm256_loadu_ps(out[1]), a11 = _mm256_loadu_ps(out[1] + 8);
-    if constexpr (MR > 2) a20 = _mm256_loadu_ps(out[2]), a21 = _mm256_loadu_ps(out[2] + 8);
-    if constexpr (MR > 3) a30 = _mm256_loadu_ps(out[3]), a31 = _mm256_loadu_ps(out[3] + 8);
-    if constexpr (MR > 4) a40 = _mm256_loadu_ps(out[4]), a41 = _mm256_loadu_ps(out[4] + 8);
-    if constexpr (MR > 5) a50 = _mm256_loadu_ps(out[5]), a51 = _mm256_loadu_ps(out[5] + 8);
+    load_pair(a00, a01, out[0]);
+    if constexpr (MR > 1) load_pair(a10, a11, out[1]);
+    if constexpr (MR > 2) load_pair(a20, a21, out[2]);
+    if constexpr (MR > 3) load_pair(a30, a31, out[3]);
+    if constexpr (MR > 4) load_pair(a40, a41, out[4]);
+    if constexpr (MR > 5) load_pair(a50, a51, out[5]);
   }
   const int64_t step = (SW_T > 0 ? SW_T : sw) * cs;  // floats between the tile's pixels
   auto fma_step = [&](const float* xt, const float* wt) {
     const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + 8);
-    __m256 b = _mm256_broadcast_ss(xt);
-    a00 = _mm256_fmadd_ps(b, w0, a00), a01 = _mm256_fmadd_ps(b, w1, a01);
-    if constexpr (MR > 1) {
-      b = _mm256_broadcast_ss(xt + step);
-      a10 = _mm256_fmadd_ps(b, w0, a10), a11 = _mm256_fmadd_ps(b, w1, a11);
-    }
-    if constexpr (MR > 2) {
-      b = _mm256_broadcast_ss(xt + 2 * step);
-      a20 = _mm256_fmadd_ps(b, w0, a20), a21 = _mm256_fmadd_ps(b, w1, a21);
-    }
-    if constexpr (MR > 3) {
-      b = _mm256_broadcast_ss(xt + 3 * step);
-      a30 = _mm256_fmadd_ps(b, w0, a30), a31 = _mm256_fmadd_ps(b, w1, a31);
-    }
-    if constexpr (MR > 4) {
-      b = _mm256_broadcast_ss(xt + 4 * step);
-      a40 = _mm256_fmadd_ps(b, w0, a40), a41 = _mm256_fmadd_ps(b, w1, a41);
-    }
-    if constexpr (MR > 5) {
-      b = _mm256_broadcast_ss(xt + 5 * step);
-      a50 = _mm256_fmadd_ps(b, w0, a50), a51 = _mm256_fmadd_ps(b, w1, a51);
-    }
+    fma_pixel(a00, a01, xt, w0, w1);
+    if constexpr (MR > 1) fma_pixel(a10, a11, xt + step, w0, w1);
+    if constexpr (MR > 2) fma_pixel(a20, a21, xt + 2 * step, w0, w1);
+    if constexpr (MR > 3) fma_pixel(a30, a31, xt + 3 * step, w0, w1);
+    if constexpr (MR > 4) fma_pixel(a40, a41, xt + 4 * step, w0, w1);
+    if constexpr (MR > 5) fma_pixel(a50, a51, xt + 5 * step, w0, w1);
   };
   auto fma_odd = [&](const float* xt, const float* wt) {
     const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + 8);
-    __m256 b = _mm256_broadcast_ss(xt);
-    b00 = _mm256_fmadd_ps(b, w0, b00), b01 = _mm256_fmadd_ps(b, w1, b01);
-    if constexpr (MR > 1) {
-      b = _mm256_broadcast_ss(xt + step);
-      b10 = _mm256_fmadd_ps(b, w0, b10), b11 = _mm256_fmadd_ps(b, w1, b11);
-    }
-    if constexpr (MR > 2) {
-      b = _mm256_broadcast_ss(xt + 2 * step);
-      b20 = _mm256_fmadd_ps(b, w0, b20), b21 = _mm256_fmadd_ps(b, w1, b21);
-    }
+    fma_pixel(b00, b01, xt, w0, w1);
+    if constexpr (MR > 1) fma_pixel(b10, b11, xt + step, w0, w1);
+    if constexpr (MR > 2) fma_pixel(b20, b21, xt + 2 * step, w0, w1);
   };
   // Channels are contiguous per pixel (the NHWC copy), so each pixel is one sequential stream.
   int64_t t = s0 / C;
@@ -93,12 +80,12 @@ inline void tile(const float* x, int sw, int64_t cs, const int32_t* taps, int C,
     a10 = _mm256_add_ps(a10, b10), a11 = _mm256_add_ps(a11, b11);
     a20 = _mm256_add_ps(a20, b20), a21 = _mm256_add_ps(a21, b21);
   }
-  _mm256_storeu_ps(out[0], a00), _mm256_storeu_ps(out[0] + 8, a01);
-  if constexpr (MR > 1) _mm256_storeu_ps(out[1], a10), _mm256_storeu_ps(out[1] + 8, a11);
-  if constexpr (MR > 2) _mm256_storeu_ps(out[2], a20), _mm256_storeu_ps(out[2] + 8, a21);
-  if constexpr (MR > 3) _mm256_storeu_ps(out[3], a30), _mm256_storeu_ps(out[3] + 8, a31);
-  if constexpr (MR > 4) _mm256_storeu_ps(out[4], a40), _mm256_storeu_ps(out[4] + 8, a41);
-  if constexpr (MR > 5) _mm256_storeu_ps(out[5], a50), _mm256_storeu_ps(out[5] + 8, a51);
+  store_pair(a00, a01, out[0]);
+  if constexpr (MR > 1) store_pair(a10, a11, out[1]);
+  if constexpr (MR > 2) store_pair(a20, a21, out[2]);
+  if constexpr (MR > 3) store_pair(a30, a31, out[3]);
+  if constexpr (MR > 4) store_pair(a40, a41, out[4]);
+  if constexpr (MR > 5) store_pair(a50, a51, out[5]);
 }
 
 template <int SW_T>
