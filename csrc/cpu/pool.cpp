@@ -159,9 +159,84 @@ SameS1Geometry same_s1_geometry(const Pool2dParams& p) {
   return g;
 }
 
-// Lane masks for the first n (0..8) lanes.
-inline __m256i first_lanes(int n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+// Shared by both same-window paths below.
+
+// 1 / (the taps of a window of radius r centred on i that fall inside [0, n)).
+inline float inside_inv(int r, int i, int n) { return 1.0f / float(std::min(r, n - 1 - i) + std::min(r, i) + 1); }
+
+// Each thread's scratch image, its first `border_floats` set to the identity on the thread's
+// first plane of a call: planes overwrite only the interior, so the borders stay.
+class BorderedScratch {
+ public:
+  BorderedScratch(Parallel& par, int64_t border_floats, float ident)
+      : par_(par), floats_(border_floats), ident_(ident), ready_(size_t(std::max(1, par.threads())), 0) {}
+  float* get(int thread) {
+    float* img = par_.scratch(thread);
+    if (!ready_[size_t(thread)]) {
+      std::fill(img, img + floats_, ident_);
+      ready_[size_t(thread)] = 1;
+    }
+    return img;
+  }
+
+ private:
+  Parallel& par_;
+  int64_t floats_;
+  float ident_;
+  std::vector<char> ready_;
+};
+
+// Copies an H x W plane into the image (row y at dst + y * stride), rows in order. Each row's
+// last vector is stored whole with its lanes past the row set to `identv`: they land on border
+// columns, on the next row (copied after it) or on the bottom border, all of which must hold
+// the identity. Returns whether the plane holds a NaN (without one, plain max replaces the
+// NaN-keeping one).
+inline bool copy_plane_in(const float* x, int H, int W, float* dst, int64_t stride, __m256 identv) {
+  const int full = W / 8 * 8, tail = W - full;
+  const __m256i mask = simd::tail_mask(tail);
+  __m256 nan = _mm256_setzero_ps();
+  for (int yy = 0; yy < H; ++yy) {
+    const float* src = x + int64_t(yy) * W;
+    float* d = dst + int64_t(yy) * stride;
+    for (int xx = 0; xx < full; xx += 8) {
+      const __m256 v = _mm256_loadu_ps(src + xx);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      _mm256_storeu_ps(d + xx, v);
+    }
+    if (tail) {
+      const __m256 v = _mm256_maskload_ps(src + full, mask);  // masked lanes read as 0
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      _mm256_storeu_ps(d + full, _mm256_blendv_ps(identv, v, _mm256_castsi256_ps(mask)));
+    }
+  }
+  return _mm256_movemask_ps(nan) != 0;
+}
+
+// The window's reduction: a sum, or a max that keeps NaN only when the plane has one.
+template <bool kMax>
+struct Combine {
+  bool keep_nan;
+  __m256 operator()(__m256 a, __m256 b) const {
+    if (!kMax) return _mm256_add_ps(a, b);
+    return keep_nan ? max_keep_nan(a, b) : _mm256_max_ps(a, b);
+  }
+};
+
+// Output vector at columns [xx, xx + 8) of row yy: averages scaled (by the whole window, or by
+// rinv times the per-column factor), then stored whole (the next row overwrites the spill)
+// except at the end of the plane's last row, whose spill would land on the next plane.
+template <bool kMax>
+inline void store_out(const Pool2dParams& p, __m256 v, float rinv, const float* cinv, int yy, int xx, float* dst) {
+  if (!kMax) {
+    v = _mm256_mul_ps(v, _mm256_set1_ps(rinv));
+    if (!p.count_include_pad) v = _mm256_mul_ps(v, _mm256_loadu_ps(cinv + xx));
+  }
+  if (xx + 8 <= p.W || yy + 1 < p.H) _mm256_storeu_ps(dst + xx, v);
+  else _mm256_maskstore_ps(dst + xx, simd::tail_mask(p.W - xx), v);
+}
+template <bool kMax>
+inline float row_inv(const Pool2dParams& p, int yy) {
+  return kMax || p.count_include_pad ? 1.0f / float(p.KH * p.KW) : inside_inv(p.KH / 2, yy, p.H);
 }
 
 // 3x3 stride-1 "same" windows, the GoogLeNet and Inception case, in one pass per plane. The
@@ -201,40 +276,12 @@ void run_pool3x3_s1(const Pool2dParams& p, Parallel& par) {
   const int64_t plane = int64_t(p.H) * p.W;
   const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
   alignas(32) float cinv[kMaxRowBuffer + 16] = {};  // 1 / window columns inside the image
-  for (int xx = 0; xx < p.W; ++xx) cinv[xx] = 1.0f / float(std::min(1, p.W - 1 - xx) + std::min(1, xx) + 1);
-  std::vector<char> ready(size_t(std::max(1, par.threads())), 0);
-  const int full = p.W / 8 * 8, tail = p.W - full;
-  const __m256i tail_mask = first_lanes(tail);
+  for (int xx = 0; xx < p.W; ++xx) cinv[xx] = inside_inv(1, xx, p.W);
+  BorderedScratch scratch(par, g.floats, ident);
   auto task = [&](int64_t t, int thread) {
-    const float* x = p.x + t * plane;
-    float* y = p.y + t * plane;
-    float* img = par.scratch(thread);
-    if (!ready[size_t(thread)]) {  // borders: written once, never overwritten by a plane
-      std::fill(img, img + g.floats, ident);
-      ready[size_t(thread)] = 1;
-    }
+    float* img = scratch.get(thread);
     const __m256 identv = _mm256_set1_ps(ident);
-    __m256 nan = _mm256_setzero_ps();
-    for (int yy = 0; yy < p.H; ++yy) {
-      const float* src = x + int64_t(yy) * p.W;
-      float* dst = img + int64_t(yy + 1) * g.stride + 8;
-      for (int xx = 0; xx < full; xx += 8) {
-        const __m256 v = _mm256_loadu_ps(src + xx);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        _mm256_store_ps(dst + xx, v);
-      }
-      if (tail) {  // the lanes past the row stay the identity
-        const __m256 v = _mm256_maskload_ps(src + full, tail_mask);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        _mm256_store_ps(dst + full, _mm256_blendv_ps(identv, v, _mm256_castsi256_ps(tail_mask)));
-      }
-    }
-    const bool keep_nan = kMax && _mm256_movemask_ps(nan) != 0;
-    auto combine = [keep_nan](__m256 a, __m256 b) {
-      if (!kMax) return _mm256_add_ps(a, b);
-      return keep_nan ? max_keep_nan(a, b) : _mm256_max_ps(a, b);
-    };
-    const float whole = 1.0f / 9.0f;
+    const Combine<kMax> combine{copy_plane_in(p.x + t * plane, p.H, p.W, img + g.stride + 8, g.stride, identv)};
     for (int yy = 0; yy < p.H; ++yy) {
       const float* r0 = img + int64_t(yy) * g.stride + 8;  // rows yy-1, yy, yy+1 of the image
       const float* r1 = r0 + g.stride;
@@ -242,21 +289,13 @@ void run_pool3x3_s1(const Pool2dParams& p, Parallel& par) {
       auto column = [&](int b) {
         return combine(combine(_mm256_load_ps(r0 + 8 * b), _mm256_load_ps(r1 + 8 * b)), _mm256_load_ps(r2 + 8 * b));
       };
-      const float rinv = kMax || p.count_include_pad ? whole
-                                                     : 1.0f / float(std::min(1, p.H - 1 - yy) + std::min(1, yy) + 1);
-      float* dst = y + int64_t(yy) * p.W;
+      const float rinv = row_inv<kMax>(p, yy);
+      float* dst = p.y + t * plane + int64_t(yy) * p.W;
       __m256 prev = identv, cur = column(0);
       for (int b = 0; b * 8 < p.W; ++b) {
         const __m256 next = b + 1 < g.blocks ? column(b + 1) : identv;
-        __m256 v = combine(combine(prev_lane(prev, cur), cur), next_lane(cur, next));
-        if (!kMax) {
-          v = _mm256_mul_ps(v, _mm256_set1_ps(rinv));
-          if (!p.count_include_pad) v = _mm256_mul_ps(v, _mm256_load_ps(cinv + 8 * b));
-        }
-        // A row's last vector is stored whole (the next row overwrites the spill) except on
-        // the last row, whose spill would land on the next plane.
-        if (8 * b + 8 <= p.W || yy + 1 < p.H) _mm256_storeu_ps(dst + 8 * b, v);
-        else _mm256_maskstore_ps(dst + 8 * b, tail_mask, v);
+        store_out<kMax>(p, combine(combine(prev_lane(prev, cur), cur), next_lane(cur, next)), rinv, cinv, yy, 8 * b,
+                        dst);
         prev = cur, cur = next;
       }
     }
@@ -271,50 +310,19 @@ void run_pool_same_s1(const Pool2dParams& p, Parallel& par) {
   const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
   // 1 / (columns of each window inside the image), for averages without the padding.
   alignas(32) float cinv[kMaxRowBuffer + 8] = {};
-  for (int xx = 0; xx < p.W; ++xx)
-    cinv[xx] = 1.0f / float(std::min(g.rw, p.W - 1 - xx) + std::min(g.rw, xx) + 1);
-  std::vector<char> ready(size_t(std::max(1, par.threads())), 0);
+  for (int xx = 0; xx < p.W; ++xx) cinv[xx] = inside_inv(g.rw, xx, p.W);
+  BorderedScratch scratch(par, g.padded + 16, ident);  // the image's borders and slack
   auto task = [&](int64_t t, int thread) {
-    const float* x = p.x + t * plane;
-    float* y = p.y + t * plane;
-    float* xp = par.scratch(thread);
+    float* xp = scratch.get(thread);
     float* vp = xp + g.padded + 16;
     float* hp = vp + g.body + 16;
-    if (!ready[size_t(thread)]) {  // the borders (and the slack) of this thread's image
-      std::fill(xp, xp + g.padded + 16, ident);
-      ready[size_t(thread)] = 1;
-    }
-    // Copy in, noting NaNs: without any, plain max (1 instruction) replaces the NaN-keeping one.
-    // Rows go in order and each row's last vector is stored whole, its lanes past the row set
-    // to the identity: they land on the border columns, on the next row (copied after it) or,
-    // after the last row, on the bottom border and the slack, all of which must hold the identity.
-    __m256 nan = _mm256_setzero_ps();
     const __m256 identv = _mm256_set1_ps(ident);
-    const int full = p.W / 8 * 8, tail = p.W - full;
-    const __m256i tail_mask = first_lanes(tail);
-    for (int yy = 0; yy < p.H; ++yy) {
-      const float* src = x + int64_t(yy) * p.W;
-      float* dst = xp + int64_t(yy + g.rh) * g.stride + g.rw;
-      for (int xx = 0; xx < full; xx += 8) {
-        const __m256 v = _mm256_loadu_ps(src + xx);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        _mm256_storeu_ps(dst + xx, v);
-      }
-      if (tail) {
-        const __m256 v = _mm256_maskload_ps(src + full, tail_mask);  // masked lanes read as 0
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        _mm256_storeu_ps(dst + full, _mm256_blendv_ps(identv, v, _mm256_castsi256_ps(tail_mask)));
-      }
-    }
-    if (tail && g.rw == 0) {
+    const Combine<kMax> combine{
+        copy_plane_in(p.x + t * plane, p.H, p.W, xp + int64_t(g.rh) * g.stride + g.rw, g.stride, identv)};
+    if (p.W % 8 && g.rw == 0) {
       // No border columns: the whole-vector tails spilled into the bottom rows; restore them.
       std::fill(xp + g.padded - int64_t(g.rh) * g.stride, xp + g.padded + 16, ident);
     }
-    const bool keep_nan = kMax && _mm256_movemask_ps(nan) != 0;
-    auto combine = [keep_nan](__m256 a, __m256 b) {
-      if (!kMax) return _mm256_add_ps(a, b);
-      return keep_nan ? max_keep_nan(a, b) : _mm256_max_ps(a, b);
-    };
     // Down the columns, flat over the H body rows (the slack past the image holds the identity).
     const int taps_y = 2 * g.rh + 1, taps_x = 2 * g.rw + 1;
     for (int64_t i = 0; i < g.body; i += 8) {
@@ -328,24 +336,11 @@ void run_pool_same_s1(const Pool2dParams& p, Parallel& par) {
       for (int dx = 1; dx < taps_x; ++dx) m = combine(m, _mm256_loadu_ps(vp + i + dx));
       _mm256_storeu_ps(hp + i, m);
     }
-    // Copy out (averages: divided by the window area inside the image, or the whole window).
-    // A row's last vector is stored whole (the next row overwrites the spill) except on the
-    // last row, whose spill would land on the next plane.
-    const float whole = 1.0f / float(p.KH * p.KW);
     for (int yy = 0; yy < p.H; ++yy) {
       const float* src = hp + int64_t(yy) * g.stride;
-      float* dst = y + int64_t(yy) * p.W;
-      const float rinv = kMax || p.count_include_pad ? whole
-                                                     : 1.0f / float(std::min(g.rh, p.H - 1 - yy) + std::min(g.rh, yy) + 1);
-      for (int xx = 0; xx < p.W; xx += 8) {
-        __m256 v = _mm256_loadu_ps(src + xx);
-        if (!kMax) {
-          v = _mm256_mul_ps(v, _mm256_set1_ps(rinv));
-          if (!p.count_include_pad) v = _mm256_mul_ps(v, _mm256_loadu_ps(cinv + xx));
-        }
-        if (xx + 8 <= p.W || yy + 1 < p.H) _mm256_storeu_ps(dst + xx, v);
-        else _mm256_maskstore_ps(dst + xx, tail_mask, v);
-      }
+      const float rinv = row_inv<kMax>(p, yy);
+      for (int xx = 0; xx < p.W; xx += 8)
+        store_out<kMax>(p, _mm256_loadu_ps(src + xx), rinv, cinv, yy, xx, p.y + t * plane + int64_t(yy) * p.W);
     }
   };
   par.run(int64_t(p.N) * p.C, task);
@@ -431,19 +426,18 @@ size_t pool2d_scratch_floats(const Pool2dParams& p) {
   return same_stride1(p) ? size_t(same_s1_geometry(p).scratch()) : 0;
 }
 
-void run_maxpool2d(const Pool2dParams& p, Parallel& par) {
-  if (pool3x3_s1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool3x3_s1<true>(p, par);
-  else if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<true>(p, par);
-  else if (buffered(p)) run_pool<true>(p, par);
-  else maxpool_direct(p, par);
-}
-
-void run_avgpool2d(const Pool2dParams& p, Parallel& par) {
-  if (pool3x3_s1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool3x3_s1<false>(p, par);
-  else if (same_stride1(p) && par.scratch_floats() >= pool2d_scratch_floats(p)) run_pool_same_s1<false>(p, par);
-  else if (buffered(p)) run_pool<false>(p, par);
+template <bool kMax>
+static void run_pool2d(const Pool2dParams& p, Parallel& par) {
+  const bool scratch = par.scratch_floats() >= pool2d_scratch_floats(p);
+  if (pool3x3_s1(p) && scratch) run_pool3x3_s1<kMax>(p, par);
+  else if (same_stride1(p) && scratch) run_pool_same_s1<kMax>(p, par);
+  else if (buffered(p)) run_pool<kMax>(p, par);
+  else if (kMax) maxpool_direct(p, par);
   else avgpool_direct(p, par);
 }
+
+void run_maxpool2d(const Pool2dParams& p, Parallel& par) { run_pool2d<true>(p, par); }
+void run_avgpool2d(const Pool2dParams& p, Parallel& par) { run_pool2d<false>(p, par); }
 
 void run_global_pool(GlobalPool kind, int64_t outer, int64_t inner, const float* x, float* y,
                      Parallel& par) {
