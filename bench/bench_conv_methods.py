@@ -17,7 +17,6 @@ would use it, F(4x4) or F(2x2)).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import re
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import cpu_name, git_rev  # noqa: E402
+from bench_models import append_rows, cpu_name, git_rev  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "conv_methods.csv"
 DEFAULT_SHAPES = [
@@ -139,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{text:<24}{row['gflops_a']:>14.1f}{row['gflops_b']:>14.1f}{ratio:>8.2f}"
               f"{f'{q25:.2f}-{q75:.2f}':>12}{diff:>10.1e}", flush=True)
     if not args.no_csv and rows:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(RESULTS, rows)
         print(f"appended {len(rows)} rows to {RESULTS}")
     return 0
 

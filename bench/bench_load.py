@@ -7,7 +7,6 @@ loading the saved plan of the same model (memory map, checksum, plan for batch 1
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import statistics
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import cpu_name, git_rev, onnx_file  # noqa: E402
+from bench_models import append_rows, cpu_name, git_rev, onnx_file  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.csv"
 
@@ -64,14 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         print(f"{name:<14}{row['onnx_import_s']:>15.3f}{row['plan_load_s']:>13.3f}{row['speedup']:>9.1f}x")
-    if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+    if not args.no_csv and rows:
+        append_rows(RESULTS, rows)
     return 0
 
 

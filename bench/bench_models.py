@@ -87,6 +87,17 @@ def timed(fn, gap_s: float = 0.0) -> tuple[float, float]:
     return t, others / t
 
 
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Appends result rows to a CSV, with a header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
 def steal_seconds() -> float:
     """CPU time the hypervisor gave other guests while ours waited (all CPUs; /proc/stat, Linux)."""
     try:
@@ -191,14 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['ours_over_ort']:>10.2f}{f'{q25:.2f}-{q75:.2f}':>11}{r_t}{gflops:>9.1f}"
                   f"{100 * gflops / peak:>7.0f}%{row['others_busy']:>6.2f}{100 * steal:>6.1f}%",
                   flush=True)
-    if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+    if not args.no_csv and rows:
+        append_rows(RESULTS, rows)
         print(f"appended {len(rows)} rows to {RESULTS}")
     return 0
 
