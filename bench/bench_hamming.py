@@ -135,8 +135,8 @@ def fashion_descriptors(role: str, n: int) -> np.ndarray:
     engine = cbir_engine.load(model.SerializeToString(), threads=os.cpu_count() or 1)
     out = np.empty((n, 128), np.float32)
     done = 0
+    padded = np.pad(pool, [(0, 0), (6, 6), (6, 6)])  # shifts by up to 5 pixels bring in zeros
     for dy, dx in FASHION_SHIFTS:
-        padded = np.pad(pool, [(0, 0), (6, 6), (6, 6)])
         shifted = padded[:, 6 - dy : 6 - dy + 28, 6 - dx : 6 - dx + 28]
         for s in range(0, len(shifted), 4096):
             if done >= n:
@@ -148,9 +148,10 @@ def fashion_descriptors(role: str, n: int) -> np.ndarray:
             break
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, out.astype(np.float16))
+    stored = out.astype(np.float16)
+    np.save(tmp, stored)
     os.replace(tmp, cache)
-    return out
+    return stored.astype(np.float32)  # what later runs read back, so every run makes the same codes
 
 
 def make_codes(dataset: str, n: int, bits: int, seed: int, role: str = "db") -> np.ndarray:
