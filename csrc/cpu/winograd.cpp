@@ -161,11 +161,13 @@ WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int position
   WinogradTiling t;
   t.th = (p.OH + out_tile - 1) / out_tile;
   t.tw = (p.OW + out_tile - 1) / out_tile;
-  t.total = int64_t(p.N) * t.th * t.tw;
+  t.per_image = int64_t(t.th) * t.tw;
+  t.total = int64_t(p.N) * t.per_image;
   const size_t per_tile = size_t(positions) * size_t(p.C + p.K);
   int64_t chunk = int64_t(std::max<size_t>(NR, kChunkFloats / per_tile));
   chunk = (chunk + NR - 1) / NR * NR;
   t.chunk = std::min<int64_t>(chunk, t.total);
+  t.chunk_padded = (t.chunk + NR - 1) / NR * NR;
   return t;
 }
 
@@ -188,8 +190,7 @@ GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t til
 
 size_t winograd_workspace_floats_for(const Conv2dParams& p, int out_tile, int positions) {
   const WinogradTiling t = winograd_tiling(p, out_tile, positions);
-  const size_t tiles = size_t((t.chunk + NR - 1) / NR * NR);
-  return size_t(positions) * size_t(p.C + p.K) * tiles;  // V and M of one chunk
+  return size_t(positions) * size_t(p.C + p.K) * size_t(t.chunk_padded);  // V and M of one chunk
 }
 
 size_t winograd_scratch_floats_for(const Conv2dParams& p, int out_tile, int positions, int threads) {
@@ -205,11 +206,10 @@ size_t winograd_scratch_floats(const Conv2dParams& p, int threads) {
 
 void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
   const WinogradTiling t = winograd_tiling(p, 4, XI);
-  const int64_t per_image = int64_t(t.th) * t.tw;
+  const int64_t per_image = t.per_image;
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
-  const int64_t max_padded = (t.chunk + NR - 1) / NR * NR;
   float* V = workspace;                                    // [36][tiles/16][C][16]
-  float* M = workspace + size_t(XI) * p.C * max_padded;    // [36][K][tiles]
+  float* M = workspace + size_t(XI) * p.C * t.chunk_padded;    // [36][K][tiles]
 
   for (int64_t t0 = 0; t0 < t.total; t0 += t.chunk) {
     const int64_t tiles = std::min(t.chunk, t.total - t0);

@@ -29,7 +29,9 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
 // transformed input and output stay within a bounded working set.
 struct WinogradTiling {
   int th, tw;             // tiles per image, down and across
+  int64_t per_image;      // th * tw
   int64_t total, chunk;   // tiles over the batch, tiles per chunk
+  int64_t chunk_padded;   // chunk rounded up to whole GEMM panels: the workspace's tile capacity
 };
 WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int positions);
 // The chunk's batched GEMMs M[xi] (K x tiles) = U[xi] (K x C) * V[xi] (C x tiles).

@@ -59,11 +59,10 @@ size_t winograd2_scratch_floats(const Conv2dParams& p, int threads) {
 
 void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
   const WinogradTiling t = winograd_tiling(p, 2, XI);
-  const int64_t per_image = int64_t(t.th) * t.tw;
+  const int64_t per_image = t.per_image;
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
-  const int64_t max_padded = (t.chunk + NR - 1) / NR * NR;
   float* V = workspace;                                  // [16][tiles/16][C][16] (packed B)
-  float* M = workspace + size_t(XI) * p.C * max_padded;  // [16][K][tiles]
+  float* M = workspace + size_t(XI) * p.C * t.chunk_padded;  // [16][K][tiles]
 
   for (int64_t t0 = 0; t0 < t.total; t0 += t.chunk) {
     const int64_t tiles = std::min(t.chunk, t.total - t0);
