@@ -203,8 +203,10 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
     next_id = coll._next_id
 
     # Tests that kill a driver mid-run need a run that is still going after its first commit,
-    # however fast the machine: this pause (seconds, from the environment) gives them that window.
+    # however fast the machine: this pause (seconds, from the environment) gives them that window,
+    # and commits then hold at most checkpoint_every images (one batch from Ray can hold them all).
     pause_after_commit = float(os.environ.get("CBIR_TEST_PAUSE_AFTER_COMMIT", "0") or 0)
+    fold_limit = checkpoint_every if pause_after_commit > 0 else None
     front = 0  # the first position of the work list not folded yet
 
     def commit() -> None:
@@ -235,7 +237,7 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
         def fold() -> None:
             nonlocal front, next_id
             olds: list[int] = []
-            while front in ready:
+            while front in ready and (fold_limit is None or len(pending_rows) < fold_limit):
                 code, error = ready.pop(front)
                 key, st, old = todo[front]
                 front += 1
@@ -271,8 +273,11 @@ def ray_update(coll: Collection, root: str | os.PathLike[str], *, address: str |
                 fold()
                 if progress is not None and front > before:
                     progress(front - before)
-                if len(pending_rows) >= max(checkpoint_every, len(coll) // 10):
+                if len(pending_rows) >= (fold_limit or max(checkpoint_every, len(coll) // 10)):
                     commit()
+            while front in ready:  # only left over when commits are capped (the test setting)
+                fold()
+                commit()
             if front != len(todo):
                 missing = len(todo) - front
                 raise DistributedIndexError(f"the Ray pipeline ended with {missing} of {len(todo)} images "
