@@ -11,7 +11,7 @@ median of the per-pair ratios. Outputs are checked against each other.
 
 A shape is CINxCOUT@SIZE, then optionally kKHxKW (or kK for square), sS (stride), pP (padding on
 every side; default: half the kernel). Methods: gemm, direct, winograd (Winograd where the plan
-would use it, F(4x4) or F(2x2)).
+would use it, F(4x4) or F(2x2)), and ort (ONNX Runtime's CPU provider on the same model, the peer).
 """
 
 from __future__ import annotations
@@ -70,8 +70,28 @@ def conv_model(s: dict) -> tuple[bytes, float]:
     return model.SerializeToString(), 2.0 * s["cin"] * s["cout"] * s["kh"] * s["kw"] * oh * ow
 
 
+class OrtRunner:
+    """ONNX Runtime on the same one-conv model (all graph optimizations, same thread count), so a
+    shape's kernel can be set against the peer's."""
+
+    def __init__(self, model: bytes, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": x})[0]
+
+
 def load_with(model: bytes, method: str, x: np.ndarray, threads: int):
-    """The engine with the lowering forced to `method` (specialised while the override holds)."""
+    """The engine with the lowering forced to `method` (specialised while the override holds), or
+    ONNX Runtime for method "ort"."""
+    if method == "ort":
+        return OrtRunner(model, threads)
     import cbir_engine
     import cbir_engine.plan.lower as lower
 
@@ -92,7 +112,7 @@ def load_with(model: bytes, method: str, x: np.ndarray, threads: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
-    ap.add_argument("--methods", default="gemm,direct", help="two of gemm, direct, winograd")
+    ap.add_argument("--methods", default="gemm,direct", help="two of gemm, direct, winograd, ort")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=11)
     ap.add_argument("--no-csv", action="store_true")

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/simd.h"
+
 namespace cbir::cpu {
 namespace {
 
@@ -128,7 +130,6 @@ void pack_affine_block(const void* vctx, int64_t batch, int k0, int kc, int n0, 
                        int64_t panel_stride) {
   const AffineCtx& g = *static_cast<const AffineCtx*>(vctx);
   const float* x = g.x + batch * g.x_bs;
-  const __m256 zero = _mm256_setzero_ps();
   for (int jp = 0; jp < nc; jp += NR) {
     const int cols = std::min(NR, nc - jp);
     float* panel = dst + int64_t(jp / NR) * panel_stride;
@@ -140,14 +141,14 @@ void pack_affine_block(const void* vctx, int64_t batch, int k0, int kc, int n0, 
         const __m256 sv = _mm256_set1_ps(s), hv = _mm256_set1_ps(h);
         __m256 v0 = _mm256_fmadd_ps(_mm256_loadu_ps(src), sv, hv);
         __m256 v1 = _mm256_fmadd_ps(_mm256_loadu_ps(src + 8), sv, hv);
-        if (g.relu) v0 = _mm256_max_ps(v0, zero), v1 = _mm256_max_ps(v1, zero);
+        if (g.relu) v0 = simd::relu(v0), v1 = simd::relu(v1);
         _mm256_storeu_ps(out, v0);
         _mm256_storeu_ps(out + 8, v1);
       } else {
         int j = 0;
         for (; j < cols; ++j) {
           const float v = src[j] * s + h;
-          out[j] = g.relu && !(v > 0.0f) ? 0.0f : v;
+          out[j] = g.relu ? simd::relu(v) : v;
         }
         for (; j < NR; ++j) out[j] = 0.0f;
       }

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/simd.h"
+
 namespace cbir::cpu {
 namespace {
 
@@ -111,7 +113,7 @@ void store_tile(const Conv2dParams& p, const float out[kMaxPixels][CB], int mr, 
     for (int j = 0; j < mr; ++j) {
       float v = out[j][k] + b;
       if (rrow) v += rrow[j];
-      if (p.act == Act::Relu) v = v > 0.0f ? v : 0.0f;
+      if (p.act == Act::Relu) v = simd::relu(v);
       row[j] = v;
     }
     if (p.act != Act::None && p.act != Act::Relu) apply_act(p.act, p.act_a, p.act_b, row, mr);

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
 #include "cpu/winograd.h"
 
 namespace cbir::cpu {
@@ -34,8 +35,8 @@ inline void at4(const __m256 m[4], __m256 o[2]) {
 inline float act1(Act act, float v, float a, float b) {
   switch (act) {
     case Act::None: return v;
-    case Act::Relu: return v > 0.0f ? v : 0.0f;
-    case Act::Clip: return std::min(b, std::max(a, v));
+    case Act::Relu: return simd::relu(v);
+    case Act::Clip: return simd::clip(v, a, b);
     case Act::LeakyRelu: return v < 0.0f ? v * a : v;
     case Act::Sigmoid: return 1.0f / (1.0f + std::exp(-v));
   }

@@ -156,6 +156,69 @@ def test_nan_propagates_like_torch() -> None:
     np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
+
+def conv_act_model(c: int, k: int, size: int, kernel: int, act: str, pre_bn_relu: bool) -> onnx.ModelProto:
+    """Conv (+ a fused activation), optionally after BatchNorm + ReLU (DenseNet's order, which the
+    lowering folds into the conv's input packing)."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal((k, c, kernel, kernel)) * 0.2).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "hi")]
+    nodes, src = [], "x"
+    if pre_bn_relu:
+        for name, values in [("s", rng.uniform(0.5, 2, c)), ("t", rng.standard_normal(c)),
+                             ("m", rng.standard_normal(c)), ("v", rng.uniform(0.5, 2, c))]:
+            inits.append(numpy_helper.from_array(values.astype(np.float32), name))
+        nodes += [helper.make_node("BatchNormalization", ["x", "s", "t", "m", "v"], ["bn"]),
+                  helper.make_node("Relu", ["bn"], ["bnr"])]
+        src = "bnr"
+    pad = kernel // 2
+    nodes.append(helper.make_node("Conv", [src, "w", "b"], ["c"], kernel_shape=[kernel] * 2, pads=[pad] * 4))
+    nodes.append(helper.make_node("Relu", ["c"], ["y"]) if act == "relu" else
+                 helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+    graph = helper.make_graph(nodes, "conv_act",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# Every conv kernel applies its fused activation itself (GEMM tile, direct tile, both Winograd
+# output transforms, the input packing of BN + ReLU): each must let a NaN through, as torch does.
+@pytest.mark.parametrize("method,c,size,kernel,pre_bn_relu", [
+    ("gemm", 16, 9, 3, False),
+    ("direct", 16, 9, 3, False),
+    ("winograd", 16, 14, 3, False),
+    ("winograd_f2", 16, 8, 3, False),
+    ("gemm", 21, 9, 1, True),  # BN + ReLU applied while the 1x1 conv packs its input
+])
+@pytest.mark.parametrize("act", ["relu", "clip"])
+def test_nan_survives_every_conv_kernel(monkeypatch, method: str, c: int, size: int, kernel: int,
+                                        pre_bn_relu: bool, act: str) -> None:
+    import cbir_engine.plan.lower as lower
+    from tests.helpers import reference
+
+    monkeypatch.setattr(lower, "direct_pays", lambda *args: method == "direct")
+    model = conv_act_model(c, 16, size, kernel, act, pre_bn_relu)
+    engine = cbir_engine.load(model.SerializeToString(), winograd=method.startswith("winograd"))
+    x = np.random.default_rng(1).standard_normal((1, c, size, size)).astype(np.float32)
+    x[0, 3, 4, 5] = np.nan
+    label = engine.plan_for({"x": x.shape}).steps[-1].label
+    assert label.startswith(f"conv2d/{method}"), label
+    got, ref = engine(x), reference(model, {"x": x})[0]
+    assert np.isnan(ref).sum() == 16 * kernel * kernel
+    if method == "winograd":
+        # The output transform mixes a whole 4x4 tile: the NaN covers the tiles under the 3x3
+        # neighbourhood, never less than it and never beyond those tiles.
+        assert np.isnan(got[np.isnan(ref)]).all()
+        tiles = np.zeros(got.shape, bool)
+        tiles[:, :, 0:8, 4:8] = True
+        assert not np.isnan(got[~tiles]).any()
+    else:
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    finite = ~np.isnan(got)
+    np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
 @pytest.mark.parametrize("op,attrs", [("MaxPool", {"kernel_shape": [2, 2]}),
                                       ("MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
                                       ("GlobalMaxPool", {}),
