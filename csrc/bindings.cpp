@@ -315,6 +315,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("threads") = 0, "threads owned by one Hamming index")
       .def_property_readonly("threads", [](HammingThreads& t) { return t.pool.threads(); });
 
+  m.def("gemm_isa", &cbir::cpu::gemm_isa, "the SIMD path of the GEMM micro-kernels (convs, Gemm, MatMul)");
+  m.def("gemm_set_isa", [](const std::string& name) { return cbir::cpu::gemm_set_isa(name.c_str()); },
+        py::arg("name"), "pins the GEMM micro-kernels to 'avx2', 'avx512' or 'auto'; False if unavailable");
   m.def("hamming_isa", &cbir::cpu::hamming_isa, "the SIMD path the Hamming scan uses");
   m.def("hamming_set_isa", [](const std::string& name) { return cbir::cpu::hamming_set_isa(name.c_str()); },
         py::arg("name"), "pins the Hamming scan to 'avx2', 'avx512-vpopcntdq' or 'auto'; False if unavailable");

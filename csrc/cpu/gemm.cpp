@@ -5,10 +5,17 @@
 #include <algorithm>
 #include <cstring>
 
+#include <atomic>
+#include <string>
+
+#include "cpu/gemm_micro.h"
 #include "cpu/simd.h"
 
 namespace cbir::cpu {
 namespace {
+
+using gemm_detail::MicroFn;
+using gemm_detail::TileEpilogue;
 
 constexpr int MR = kGemmMR;
 constexpr int NR = kGemmNR;
@@ -17,18 +24,6 @@ constexpr int NC = 128;  // columns per task: a KC x NC packed B block is 128 Ki
 constexpr int MC = 384;  // rows per A block: MC x KC floats (384 KiB) stay in L2
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The epilogue of one full-width tile, applied on the accumulators before the single store
-// (bias, residual, ReLU/Clip; other cases take the separate apply_epilogue pass).
-struct TileEpilogue {
-  const float* row_bias = nullptr;  // bias of the tile's first row (per-row bias)
-  const float* col_bias = nullptr;  // bias of the tile's first column (per-column bias)
-  const float* res = nullptr;       // residual of the tile's first element, unit column stride
-  int64_t res_rs = 0;
-  float beta = 1.0f;
-  bool relu = false, clip = false;
-  float lo = 0.0f, hi = 0.0f;
-};
 
 // R x 16 register tile: C (+)= A_panel[kc x MR] * B_panel[kc x NR], rows < R untouched; with
 // kFused, the tile epilogue is applied in registers.
@@ -86,7 +81,6 @@ void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, 
   }
 }
 
-using MicroFn = void (*)(int, const float*, const float*, float*, int64_t, bool, const TileEpilogue*);
 constexpr MicroFn kMicroHalf[MR + 1] = {
     nullptr, micro_kernel<1, false, true>, micro_kernel<2, false, true>, micro_kernel<3, false, true>,
     micro_kernel<4, false, true>, micro_kernel<5, false, true>, micro_kernel<6, false, true>};
@@ -96,6 +90,15 @@ constexpr MicroFn kMicro[MR + 1] = {nullptr,
 constexpr MicroFn kMicroFused[MR + 1] = {nullptr,
                                          micro_kernel<1, true>, micro_kernel<2, true>, micro_kernel<3, true>,
                                          micro_kernel<4, true>, micro_kernel<5, true>, micro_kernel<6, true>};
+
+// Which micro-kernels run the full-width tiles: AVX-512F where the CPU has it, unless pinned.
+enum IsaChoice : int { kIsaAuto = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+std::atomic<int> g_isa_choice{kIsaAuto};
+
+bool use_avx512() {
+  const int choice = g_isa_choice.load(std::memory_order_relaxed);
+  return choice == kIsaAvx512 || (choice == kIsaAuto && gemm_detail::cpu_has_avx512f());
+}
 
 // Whether `ep` can run inside the micro-kernel (the common conv/Gemm epilogues).
 bool fusable(const Epilogue& ep) {
@@ -164,6 +167,17 @@ Blocking choose_blocking(const GemmParams& p, int threads) {
 }
 
 }  // namespace
+
+const char* gemm_isa() { return use_avx512() ? "avx512" : "avx2"; }
+
+bool gemm_set_isa(const char* name) {
+  const std::string n = name ? name : "";
+  if (n == "auto") g_isa_choice = kIsaAuto;
+  else if (n == "avx2") g_isa_choice = kIsaAvx2;
+  else if (n == "avx512" && gemm_detail::cpu_has_avx512f()) g_isa_choice = kIsaAvx512;
+  else return false;
+  return true;
+}
 
 void apply_act(Act act, float a, float b, float* y, int64_t n) {
   int64_t j = 0;
@@ -284,6 +298,9 @@ void run_gemm(const GemmParams& params, Parallel& par) {
   }
   const GemmParams& p = prepacked.b_packed ? prepacked : params;
   const bool fused = fusable(p.ep);
+  const bool wide = use_avx512();
+  const MicroFn* full = wide ? gemm_detail::avx512_micro() : kMicro;
+  const MicroFn* full_fused = wide ? gemm_detail::avx512_micro_fused() : kMicroFused;
   const int64_t tasks = p.batch * bl.n_blocks * bl.m_blocks;
 
   auto task = [&](int64_t t, int thread) {
@@ -351,11 +368,11 @@ void run_gemm(const GemmParams& params, Parallel& par) {
               te.relu = p.ep.act == Act::Relu;
               te.clip = p.ep.act == Act::Clip;
               te.lo = p.ep.act_a, te.hi = p.ep.act_b;
-              kMicroFused[rows](kc, ap, bp, cp, p.ldc, accumulate, &te);
+              full_fused[rows](kc, ap, bp, cp, p.ldc, accumulate, &te);
               continue;
             }
             if (cols == NR) {
-              kMicro[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
+              full[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
             } else {
               if (accumulate)
                 for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));

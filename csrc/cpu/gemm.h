@@ -80,6 +80,11 @@ struct GemmParams {
   float* workspace = nullptr;
 };
 
+// The instruction set of the full-width micro-kernels ("avx512" or "avx2"), and a way to pin it
+// ("auto", "avx2", "avx512"; false when unknown or the CPU lacks it), for tests and comparisons.
+const char* gemm_isa();
+bool gemm_set_isa(const char* name);
+
 // Per-thread scratch the call needs (floats).
 size_t gemm_scratch_floats(const GemmParams& p, int threads);
 // Shared workspace that lets the call pack B once (0: it never needs to).

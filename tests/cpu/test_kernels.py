@@ -7,9 +7,21 @@ import numpy as np
 import pytest
 
 import cbir_engine
+from cbir_engine import _C
 from tests.helpers import TOL, ort_reference, reference, rel_err, single_node_model
 
 RNG = np.random.default_rng(1234)
+
+# The GEMM micro-kernels behind Conv, Gemm and MatMul: AVX2 always, AVX-512F where the CPU has it.
+GEMM_ISAS = ["avx2"] + (["avx512"] if _C.gemm_set_isa("auto") and _C.gemm_isa() != "avx2" else [])
+
+
+@pytest.fixture(params=GEMM_ISAS)
+def gemm_isa(request):
+    assert _C.gemm_set_isa(request.param)
+    assert _C.gemm_isa() == request.param
+    yield request.param
+    _C.gemm_set_isa("auto")
 
 
 def rand(*shape: int) -> np.ndarray:
@@ -51,7 +63,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[:5]}k{c[5]}{c[6]}")
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("const_weight", [True, False])
-def test_conv2d(case, bias: bool, const_weight: bool) -> None:
+def test_conv2d(case, bias: bool, const_weight: bool, gemm_isa: str) -> None:
     n, c, h, w, k, ks, attrs = case
     g = attrs.get("group", 1)
     weight = rand(k, c // g, *ks)
@@ -60,6 +72,43 @@ def test_conv2d(case, bias: bool, const_weight: bool) -> None:
     if bias:
         inits["b"] = rand(k)
     check("Conv", inputs, attrs, inits, tol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 13])  # every tile height, and a tail of 1 row
+@pytest.mark.parametrize("pixels", [(4, 4), (7, 7), (5, 13)])  # 16 columns, 49 = 3 x 16 + 1, 65
+@pytest.mark.parametrize("tail", ["residual_relu", "clip", "relu"])
+def test_conv_fused_epilogue(k: int, pixels: tuple, tail: str, gemm_isa: str) -> None:
+    """1x1 conv + bias with the residual Add and the activation fused into the GEMM tile."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    h, w = pixels
+    x, r = rand(2, 37, h, w), rand(2, k, h, w)
+    x[0, 0, 0, 0] = np.nan  # the activation must keep it
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[1, 1])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))]
+    feeds = {"x": x}
+    if tail == "residual_relu":
+        nodes += [helper.make_node("Add", ["c", "r"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(r.shape)))
+        feeds["r"] = r
+    elif tail == "clip":
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    inits = [numpy_helper.from_array(rand(k, 37, 1, 1), "w"), numpy_helper.from_array(rand(k), "b"),
+             numpy_helper.from_array(np.array(-0.7, np.float32), "lo"),
+             numpy_helper.from_array(np.array(0.9, np.float32), "hi")]
+    graph = helper.make_graph(nodes, "fused", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    engine = cbir_engine.load(model.SerializeToString())
+    steps = engine.plan_for({n: v.shape for n, v in feeds.items()}).steps
+    assert len(steps) == 1 and steps[0].label.startswith("conv2d/gemm"), [st.label for st in steps]
+    got, ref = engine.run(feeds)["y"], reference(model, feeds)[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got).sum() == k  # the NaN pixel, in every output channel of image 0
+    finite = ~np.isnan(ref)
+    np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attrs", [{"pads": [2, 1]}, {"strides": [3]}, {"dilations": [2]}])
@@ -165,12 +214,14 @@ def test_lrn(size: int, shape: tuple) -> None:
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 59, 1023), (7, 25, 59), (3, 1023, 7), (16, 64, 33)])
 @pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (0, 1), (1, 0), (1, 1)])
 @pytest.mark.parametrize("const_b", [True, False])
-def test_gemm(m: int, k: int, n: int, trans_a: int, trans_b: int, const_b: bool) -> None:
+@pytest.mark.parametrize("alpha,beta", [(0.5, 2.0), (1.0, 1.0)])  # (1, 1): the bias fused in the tile
+def test_gemm(m: int, k: int, n: int, trans_a: int, trans_b: int, const_b: bool, alpha: float, beta: float,
+              gemm_isa: str) -> None:
     a = rand(k, m) if trans_a else rand(m, k)
     b = rand(n, k) if trans_b else rand(k, n)
     inputs = {"a": a} | ({} if const_b else {"b": b})
     inits = ({"b": b} if const_b else {}) | {"c": rand(n)}
-    check("Gemm", inputs, {"transA": trans_a, "transB": trans_b, "alpha": 0.5, "beta": 2.0}, inits)
+    check("Gemm", inputs, {"transA": trans_a, "transB": trans_b, "alpha": alpha, "beta": beta}, inits)
 
 
 @pytest.mark.parametrize("c_shape", [(), (1,), (7,), (3, 1), (3, 7), (1, 7)])
@@ -191,7 +242,7 @@ def test_gemm_bias_shapes(c_shape: tuple, const_c: bool) -> None:
     ((2, 1, 3, 4), (1, 5, 4, 6)), ((1, 7, 59), (59, 1)),
 ])
 @pytest.mark.parametrize("const_b", [True, False])
-def test_matmul(a_shape: tuple, b_shape: tuple, const_b: bool) -> None:
+def test_matmul(a_shape: tuple, b_shape: tuple, const_b: bool, gemm_isa: str) -> None:
     b = rand(*b_shape)
     check("MatMul", {"a": rand(*a_shape)} | ({} if const_b else {"b": b}), None,
           {"b": b} if const_b else None)
