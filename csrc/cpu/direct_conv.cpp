@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -12,7 +13,7 @@ namespace cbir::cpu {
 namespace {
 
 constexpr int CB = kDirectCoutBlock;
-constexpr int kMaxPixels = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 ymm
+constexpr int kMaxPixels = kDirectMaxPixels;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 ymm
 
 int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -274,6 +275,8 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   // independent accumulators to keep the FMA units busy.
   const int row_tiles = int(ceil_div64(out_cols, kMaxPixels));
   const int narrow = out_cols / row_tiles, wide_tiles = out_cols % row_tiles;
+  // The tile's instruction set follows the GEMM's (gemm_isa(): AVX-512F where the CPU has it).
+  const bool wide = std::string(gemm_isa()) == "avx512";
   auto work = [&](int64_t task, int) {
     const int64_t n = task / (int64_t(blocks) * chunks);
     const int kb = int(task / chunks % blocks), chunk = int(task % chunks);
@@ -304,7 +307,8 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
           const int ox = ti * narrow + std::min(ti, wide_tiles), mr = narrow + (ti < wide_tiles ? 1 : 0);
           const float* x = xrow + int64_t(ox) * sw * l.cs;
           float(*out)[CB] = sums[(oy - oy0) * row_tiles + ti];
-          if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
+          if (wide) direct_detail::run_tile_avx512(mr, x, sw, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
+          else if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
           else if (sw == 2) run_tile<2>(mr, x, 2, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
           else run_tile<0>(mr, x, sw, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
           if (s1 == steps) store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, ohw, yn, rn);

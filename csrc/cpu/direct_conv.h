@@ -9,12 +9,14 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "cpu/conv.h"
 
 namespace cbir::cpu {
 
 constexpr int kDirectCoutBlock = 16;
+constexpr int kDirectMaxPixels = 6;  // pixels of one register tile
 
 // Weights [K, C, KH, KW] -> [ceil(K / 16)][C][KH][KW][16], output channels past K zero.
 size_t direct_conv_packed_weight_floats(int K, int C, int KH, int KW);
@@ -24,5 +26,12 @@ void pack_direct_conv_weight(const float* w, int K, int C, int KH, int KW, float
 size_t direct_conv_workspace_floats(const Conv2dParams& p);
 // groups == 1; p.w from pack_direct_conv_weight; no input affine.
 void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par);
+
+namespace direct_detail {
+// One tile with AVX-512F (direct_conv_avx512.cpp): sums of `mr` pixels x 16 output channels over
+// the reduction steps [s0, s1), as the AVX2 tile in direct_conv.cpp. Only where the CPU has it.
+void run_tile_avx512(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w,
+                     int64_t s0, int64_t s1, bool accumulate, float out[kDirectMaxPixels][kDirectCoutBlock]);
+}  // namespace direct_detail
 
 }  // namespace cbir::cpu

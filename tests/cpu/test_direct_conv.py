@@ -36,6 +36,8 @@ CASES = [
     (2, 48, 11, 11, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     (1, 16, 17, 17, 16, (1, 7), (1, 1), (0, 3, 0, 3), (1, 1)),
     (1, 48, 9, 9, 16, (3, 3), (2, 1), (0, 2, 1, 0), (1, 1)),
+    (1, 20, 7, 7, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 7-wide rows: 4 + 3 (odd-channel sums)
+    (1, 18, 4, 2, 17, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 2-wide rows
 ]
 
 
@@ -74,7 +76,7 @@ def force_direct(monkeypatch):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[:5]}k{c[5]}s{c[6]}p{c[7]}d{c[8]}")
 @pytest.mark.parametrize("fused", ["none", "residual_relu", "clip"])
-def test_direct_conv_matches_reference(case, fused: str, force_direct) -> None:
+def test_direct_conv_matches_reference(case, fused: str, force_direct, gemm_isa: str) -> None:
     model, feeds, out = conv_model(case, fused)
     engine = cbir_engine.load(model.SerializeToString(), winograd=False, threads=2)
     plan = engine.plan_for({k: v.shape for k, v in feeds.items()})
@@ -88,7 +90,7 @@ def test_direct_conv_matches_reference(case, fused: str, force_direct) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_direct_conv_thread_counts_agree(threads: int, force_direct) -> None:
+def test_direct_conv_thread_counts_agree(threads: int, force_direct, gemm_isa: str) -> None:
     model, feeds, out = conv_model(CASES[5], "residual_relu")
     one = cbir_engine.load(model.SerializeToString(), threads=1).run(feeds)[out]
     many = cbir_engine.load(model.SerializeToString(), threads=threads).run(feeds)[out]

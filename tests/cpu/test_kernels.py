@@ -7,21 +7,11 @@ import numpy as np
 import pytest
 
 import cbir_engine
-from cbir_engine import _C
 from tests.helpers import TOL, ort_reference, reference, rel_err, single_node_model
 
 RNG = np.random.default_rng(1234)
 
-# The GEMM micro-kernels behind Conv, Gemm and MatMul: AVX2 always, AVX-512F where the CPU has it.
-GEMM_ISAS = ["avx2"] + (["avx512"] if _C.gemm_set_isa("auto") and _C.gemm_isa() != "avx2" else [])
-
-
-@pytest.fixture(params=GEMM_ISAS)
-def gemm_isa(request):
-    assert _C.gemm_set_isa(request.param)
-    assert _C.gemm_isa() == request.param
-    yield request.param
-    _C.gemm_set_isa("auto")
+# gemm_isa (tests/conftest.py) runs a test on each instruction set of the conv/GEMM micro-kernels.
 
 
 def rand(*shape: int) -> np.ndarray:
