@@ -373,6 +373,8 @@ void run_gemm(const GemmParams& params, Parallel& par) {
             }
             if (cols == NR) {
               full[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
+            } else if (wide) {
+              gemm_detail::avx512_micro_masked()[rows](kc, ap, bp, cp, p.ldc, accumulate, cols);
             } else {
               if (accumulate)
                 for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));

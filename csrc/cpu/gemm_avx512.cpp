@@ -50,6 +50,34 @@ CBIR_AVX512 void micro_kernel(int kc, const float* __restrict a, const float* __
   }
 }
 
+// A tile of fewer than 16 columns (the last panel of a row whose length is not a multiple of 16):
+// the same sums, loaded and stored under a lane mask straight in C (masked lanes are never
+// touched, so rows may end anywhere), where the AVX2 path goes through a scratch tile.
+template <int R>
+CBIR_AVX512 void micro_kernel_masked(int kc, const float* __restrict a, const float* __restrict b,
+                                     float* __restrict c, int64_t ldc, bool accumulate, int cols) {
+  __m512 acc[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (const float* const end = b + int64_t(kc) * NR; b != end; b += NR, a += MR) {
+    const __m512 bv = _mm512_loadu_ps(b);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), bv, acc[r]);
+  }
+  const __mmask16 mask = __mmask16((1u << cols) - 1u);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) acc[r] = _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, row));
+    _mm512_mask_storeu_ps(row, mask, acc[r]);
+  }
+}
+
+constexpr MaskedMicroFn kMasked[MR + 1] = {nullptr,
+                                           micro_kernel_masked<1>, micro_kernel_masked<2>, micro_kernel_masked<3>,
+                                           micro_kernel_masked<4>, micro_kernel_masked<5>, micro_kernel_masked<6>};
+
 constexpr MicroFn kPlain[MR + 1] = {nullptr,
                                     micro_kernel<1, false>, micro_kernel<2, false>, micro_kernel<3, false>,
                                     micro_kernel<4, false>, micro_kernel<5, false>, micro_kernel<6, false>};
@@ -65,5 +93,6 @@ bool cpu_has_avx512f() {
 }
 const MicroFn* avx512_micro() { return kPlain; }
 const MicroFn* avx512_micro_fused() { return kFusedTable; }
+const MaskedMicroFn* avx512_micro_masked() { return kMasked; }
 
 }  // namespace cbir::cpu::gemm_detail

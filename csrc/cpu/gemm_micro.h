@@ -24,10 +24,15 @@ struct TileEpilogue {
 using MicroFn = void (*)(int kc, const float* a, const float* b, float* c, int64_t ldc, bool accumulate,
                          const TileEpilogue* ep);
 
+// A tile of `cols` < NR columns, written in place (no epilogue).
+using MaskedMicroFn = void (*)(int kc, const float* a, const float* b, float* c, int64_t ldc, bool accumulate,
+                               int cols);
+
 // Full-width (NR = 16) tiles with one 16-float vector per row; tables indexed by rows (1..6).
 // Call only when cpu_has_avx512f().
 bool cpu_has_avx512f();
 const MicroFn* avx512_micro();
 const MicroFn* avx512_micro_fused();
+const MaskedMicroFn* avx512_micro_masked();
 
 }  // namespace cbir::cpu::gemm_detail
