@@ -4,7 +4,7 @@ ONNX Runtime names each profiled node after its output (with an "_nchwc" suffix 
 path); layers are matched on that output name, or on the conv's node name when the residual Add
 is fused on both sides. Medians over the runs, milliseconds.
 
-    python bench/bench_layers_vs_ort.py [--model inception_v3] [--threads 1] [--runs 9]
+    python bench/bench_layers_vs_ort.py [--model inception_v3] [--threads 1] [--runs 9] [--batch 8]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--per-layer", type=int, default=0, metavar="N",
                     help="also list the N layers where we lose the most time against ONNX Runtime")
     args = ap.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     module, size = build(args.model, seed=0)
     model = export_onnx(module, torch.zeros(1, 3, size, size), opset=17)
-    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             groups[label][0] += ours[key][0]
             groups[label][1] += ms
             groups[label][2] += 1
-    print(f"{args.model}, {args.threads} thread(s), batch 1: ours {sum(ours_ms):.1f} ms, "
+    print(f"{args.model}, {args.threads} thread(s), batch {args.batch}: ours {sum(ours_ms):.1f} ms, "
           f"ONNX Runtime {sum(ort_ms.values()):.1f} ms (sums of layer medians)")
     print(f"{'our kernel':<34}{'layers':>7}{'ours ms':>10}{'ORT ms':>10}{'ours/ORT':>10}")
     for label, (o, r, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
