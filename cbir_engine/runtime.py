@@ -252,9 +252,17 @@ class Engine:
             shapes[name] = tuple(1 if isinstance(d, str) else d for d in s)
         return shapes
 
+    def _plan_of(self, input_shapes: Mapping[str, Sequence[int]] | None) -> Plan:
+        """The plan that runs for these shapes: the one already specialised, else a new one."""
+        shapes = input_shapes or self._default_shapes()
+        key = tuple(tuple(int(d) for d in shapes[n]) for n in self.graph.inputs)
+        with self._lock:
+            hit = self._plans.get(key)
+        return hit[0] if hit is not None else self.plan_for(shapes)
+
     def summary(self, input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
         """The optimised nodes and the kernel that runs each, plus the memory plan."""
-        plan = self.plan_for(input_shapes or self._default_shapes())
+        plan = self._plan_of(input_shapes)
         lines = [f"{'#':>4}  {'node':<44} {'kernel':<36} output shape"]
         for i, s in enumerate(plan.steps):
             out_shape = next((list(o.shape) for o in reversed(s.operands) if o is not None), [])
@@ -272,7 +280,7 @@ class Engine:
     def memory(self, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                plan: Plan | None = None) -> dict[str, int]:
         """Arena size beside the sum of all intermediates (and the weights), in bytes."""
-        plan = plan or self.plan_for(input_shapes or self._default_shapes())
+        plan = plan or self._plan_of(input_shapes)
         return {
             "arena_bytes": plan.arena_bytes,
             "intermediate_bytes": plan.intermediate_bytes,

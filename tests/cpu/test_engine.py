@@ -53,6 +53,21 @@ def test_block_is_fused_to_two_convs() -> None:
     assert "+residual +relu" in text and "arena" in text
 
 
+
+def test_summary_describes_the_plan_that_ran(monkeypatch) -> None:
+    engine = cbir_engine.load(resnet_block_model().SerializeToString())
+    engine(rand(2, 8, 6, 6))
+
+    def no_replanning(shapes):
+        raise AssertionError(f"re-planned for {shapes}")
+
+    monkeypatch.setattr(engine, "plan_for", no_replanning)
+    assert "+residual +relu" in engine.summary()  # the last shapes run
+    assert "[2, 8, 6, 6]" in engine.summary({"x": (2, 8, 6, 6)})
+    assert engine.memory({"x": (2, 8, 6, 6)})["arena_bytes"] > 0
+    with pytest.raises(AssertionError, match="re-planned"):
+        engine.summary({"x": (3, 8, 6, 6)})  # shapes never run still get a plan of their own
+
 def test_sum_op_of_old_model_zoos() -> None:
     x = rand(2, 3)
     node = helper.make_node("Sum", ["a", "b", "c"], ["y"])
