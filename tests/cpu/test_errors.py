@@ -161,7 +161,8 @@ def conv_act_model(c: int, k: int, size: int, kernel: int, act: str, pre_bn_relu
     """Conv (+ a fused activation), optionally after BatchNorm + ReLU (DenseNet's order, which the
     lowering folds into the conv's input packing)."""
     rng = np.random.default_rng(5)
-    inits = [numpy_helper.from_array((rng.standard_normal((k, c, kernel, kernel)) * 0.2).astype(np.float32), "w"),
+    weight = (rng.standard_normal((k, c, kernel, kernel)) * 0.2).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w"),
              numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b"),
              numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
              numpy_helper.from_array(np.array(0.5, np.float32), "hi")]

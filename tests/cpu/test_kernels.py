@@ -88,8 +88,8 @@ def test_conv_fused_epilogue(k: int, pixels: tuple, tail: str, gemm_isa: str) ->
     inits = [numpy_helper.from_array(rand(k, 37, 1, 1), "w"), numpy_helper.from_array(rand(k), "b"),
              numpy_helper.from_array(np.array(-0.7, np.float32), "lo"),
              numpy_helper.from_array(np.array(0.9, np.float32), "hi")]
-    graph = helper.make_graph(nodes, "fused", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              inits)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "fused", inputs, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     engine = cbir_engine.load(model.SerializeToString())
     steps = engine.plan_for({n: v.shape for n, v in feeds.items()}).steps
