@@ -273,6 +273,20 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   const int64_t steps = int64_t(taps_n) * chans;
   // Tiles of a row as even as possible (8 pixels: 4 + 4, not 6 + 2): a narrow tile has too few
   // independent accumulators to keep the FMA units busy.
+  // Per output row, the reduction steps whose kernel row reads real input: taps that fall wholly
+  // in the top or bottom padding are skipped, not multiplied by zeros (a 7x1 conv at 17x17 with
+  // 3 rows of padding does 10% fewer FMAs). Valid kernel rows are one contiguous run.
+  const int taps_per_ky = merge_row ? 1 : p.KW;
+  std::vector<int64_t> valid(size_t(out_rows) * 2);
+  for (int oy = 0; oy < out_rows; ++oy) {
+    int ky0 = 0, ky1 = p.KH;
+    if (!l.sampled) {
+      while (ky0 < p.KH && oy * p.SH - p.PT + ky0 * p.DH < 0) ++ky0;
+      while (ky1 > ky0 && oy * p.SH - p.PT + (ky1 - 1) * p.DH >= p.H) --ky1;
+    }
+    valid[2 * size_t(oy)] = int64_t(ky0) * taps_per_ky * chans;
+    valid[2 * size_t(oy) + 1] = int64_t(ky1) * taps_per_ky * chans;
+  }
   const int row_tiles = int(ceil_div64(out_cols, kMaxPixels));
   const int narrow = out_cols / row_tiles, wide_tiles = out_cols % row_tiles;
   // The tile's instruction set follows the GEMM's (gemm_isa(): AVX-512F where the CPU has it).
@@ -307,11 +321,19 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
           const int ox = ti * narrow + std::min(ti, wide_tiles), mr = narrow + (ti < wide_tiles ? 1 : 0);
           const float* x = xrow + int64_t(ox) * sw * l.cs;
           float(*out)[CB] = sums[(oy - oy0) * row_tiles + ti];
-          if (wide) direct_detail::run_tile_avx512(mr, x, sw, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
-          else if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
-          else if (sw == 2) run_tile<2>(mr, x, 2, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
-          else run_tile<0>(mr, x, sw, l.cs, tap, chans, w, s0, s1, s0 > 0, out);
-          if (s1 == steps) store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, ohw, yn, rn);
+          // This slice's share of the row's valid steps; the first valid step starts the sums.
+          const int64_t v0 = valid[2 * size_t(oy)], v1 = valid[2 * size_t(oy) + 1];
+          const int64_t a0 = std::max(s0, v0), a1 = std::min(s1, v1);
+          if (a0 < a1) {
+            if (wide) direct_detail::run_tile_avx512(mr, x, sw, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
+            else if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
+            else if (sw == 2) run_tile<2>(mr, x, 2, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
+            else run_tile<0>(mr, x, sw, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
+          }
+          if (s1 == steps) {
+            if (v0 >= v1) std::fill_n(&out[0][0], kMaxPixels * CB, 0.0f);  // the row sees only padding
+            store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, ohw, yn, rn);
+          }
         }
       }
     }
