@@ -104,20 +104,25 @@ void run_tile(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, i
   }
 }
 
-// Bias, residual and activation on the tile, written to y (channel rows `ohw` floats apart).
+// Bias, residual and activation on the tile, written to y (channel rows `ohw` floats apart; the
+// tile's pixels `pix_step` floats apart: 1, or the output width for a transposed layout).
 void store_tile(const Conv2dParams& p, const float out[kMaxPixels][CB], int mr, int k0, int kn, int64_t pix,
-                int64_t ohw, float* y, const float* res) {
+                int64_t pix_step, int64_t ohw, float* y, const float* res) {
   for (int k = 0; k < kn; ++k) {
     float* row = y + int64_t(k0 + k) * ohw + pix;
     const float* rrow = res ? res + int64_t(k0 + k) * ohw + pix : nullptr;
     const float b = p.bias ? p.bias[k0 + k] : 0.0f;
     for (int j = 0; j < mr; ++j) {
       float v = out[j][k] + b;
-      if (rrow) v += rrow[j];
-      if (p.act == Act::Relu) v = simd::relu(v);
-      row[j] = v;
+      if (rrow) v += rrow[j * pix_step];
+      switch (p.act) {
+        case Act::None: break;
+        case Act::Relu: v = simd::relu(v); break;
+        case Act::Clip: v = simd::clip(v, p.act_a, p.act_b); break;
+        default: apply_act(p.act, p.act_a, p.act_b, &v, 1); break;
+      }
+      row[j * pix_step] = v;
     }
-    if (p.act != Act::None && p.act != Act::Relu) apply_act(p.act, p.act_a, p.act_b, row, mr);
   }
 }
 
@@ -125,6 +130,10 @@ void store_tile(const Conv2dParams& p, const float out[kMaxPixels][CB], int mr, 
 // for an unpadded 1x1 conv only the pixels it samples (so a strided 1x1 conv copies a quarter).
 struct Layout {
   bool sampled;  // 1x1 without padding: the copy holds OH x OW pixels, read at stride 1
+  // A 1xK conv with left/right padding: the copy is the image transposed (copy row r = input
+  // column r - PL, copy column = input row), so the padded taps become whole padded rows that
+  // the kernel skips per output row, as it skips the top/bottom padding of a Kx1 conv.
+  bool transposed;
   int rows, cols;
   int cs;  // floats per pixel: C rounded up to whole cache lines, and to an odd number of them,
            // so the tile's pixel streams fall in different L1 sets (at 2^k lines they share one)
@@ -133,18 +142,23 @@ Layout layout_of(const Conv2dParams& p) {
   int cs = (p.C + 15) / 16 * 16;
   if (cs / 16 % 2 == 0) cs += 16;
   if (p.C < 16) cs = p.C;  // the stem's 3 channels: padding would multiply the copy
-  if (p.KH == 1 && p.KW == 1 && p.PT == 0 && p.PL == 0) return {true, p.OH, p.OW, cs};
-  return {false, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1, (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1, cs};
+  if (p.KH == 1 && p.KW == 1 && p.PT == 0 && p.PL == 0) return {true, false, p.OH, p.OW, cs};
+  if (p.KH == 1 && p.KW > 1 && p.PT == 0 && p.OH == p.H && p.SH == 1 && p.SW == 1 && p.DW == 1 && p.C >= 16 &&
+      (p.PL > 0 || p.OW + p.KW - 1 > p.W + p.PL))
+    return {false, true, p.OW + p.KW - 1, p.H, cs};
+  return {false, false, (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1, (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1,
+          cs};
 }
 
-// Row r of the copy for batch entry n: pixels [0, cols) x channels [0, C), zero outside x.
-void copy_row(const Conv2dParams& p, const Layout& l, int64_t n, int r, float* dst) {
+// Row r of the copy for batch entry n: pixels [0, cols) x channels [0, C), zero outside x; pixel j
+// at dst + j * pix (pix = l.cs, or a transposed copy's row length).
+void copy_row(const Conv2dParams& p, const Layout& l, int64_t n, int r, float* dst, int64_t pix) {
   const int64_t plane = int64_t(p.H) * p.W;
   const float* x = p.x + n * p.C * plane;
   const int iy = l.sampled ? r * p.SH : r - p.PT;
   const int step = l.sampled ? p.SW : 1, shift = l.sampled ? 0 : p.PL;
   if (iy < 0 || iy >= p.H) {
-    std::memset(dst, 0, sizeof(float) * size_t(l.cols) * size_t(l.cs));
+    for (int j = 0; j < l.cols; ++j) std::memset(dst + j * pix, 0, sizeof(float) * size_t(p.C));
     return;
   }
   const float* src = x + int64_t(iy) * p.W;
@@ -194,14 +208,14 @@ void copy_row(const Conv2dParams& p, const Layout& l, int64_t n, int r, float* d
             _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
             _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
             _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
-        float* d = dst + int64_t(c0) * l.cs + c;
-        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(d + int64_t(j) * l.cs, px[j]);
+        float* d = dst + int64_t(c0) * pix + c;
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(d + int64_t(j) * pix, px[j]);
       }
     }
     for (; c < p.C; ++c) {
       const float* sc = src + c * plane;
-      float* d = dst + int64_t(c0) * l.cs + c;
-      for (int j = 0; j < cn; ++j) d[int64_t(j) * l.cs] = inside[j] ? sc[ix[j]] : 0.0f;
+      float* d = dst + int64_t(c0) * pix + c;
+      for (int j = 0; j < cn; ++j) d[int64_t(j) * pix] = inside[j] ? sc[ix[j]] : 0.0f;
     }
   }
 }
@@ -232,18 +246,37 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   const int T = p.KH * p.KW;
   const Layout l = layout_of(p);
   const int64_t row_floats = int64_t(l.cols) * l.cs, image_floats = row_floats * l.rows;
-  auto copy = [&](int64_t task, int) {
-    const int64_t n = task / l.rows;
-    const int r = int(task % l.rows);
-    copy_row(p, l, n, r, workspace + n * image_floats + r * row_floats);
-  };
-  par.run(int64_t(p.N) * l.rows, copy);
-  const int sh = l.sampled ? 1 : p.SH, sw = l.sampled ? 1 : p.SW;
+  if (l.transposed) {
+    // Input row iy becomes copy column iy: each input row is copied as for an untransposed,
+    // unpadded conv, its pixel ix landing on copy row PL + ix. The padding rows are never read
+    // (their taps are skipped), but are zeroed all the same.
+    Conv2dParams q = p;
+    q.PL = 0, q.PT = 0;
+    const Layout rows_of_x{false, false, p.H, p.W, l.cs};
+    auto copy = [&](int64_t task, int) {
+      const int64_t n = task / p.H;
+      const int iy = int(task % p.H);
+      float* img = workspace + n * image_floats;
+      copy_row(q, rows_of_x, n, iy, img + int64_t(p.PL) * row_floats + int64_t(iy) * l.cs, row_floats);
+      if (iy == 0)
+        for (int r = 0; r < l.rows; ++r)
+          if (r < p.PL || r >= p.PL + p.W) std::memset(img + r * row_floats, 0, sizeof(float) * size_t(row_floats));
+    };
+    par.run(int64_t(p.N) * p.H, copy);
+  } else {
+    auto copy = [&](int64_t task, int) {
+      const int64_t n = task / l.rows;
+      const int r = int(task % l.rows);
+      copy_row(p, l, n, r, workspace + n * image_floats + r * row_floats, l.cs);
+    };
+    par.run(int64_t(p.N) * l.rows, copy);
+  }
+  const int sh = l.sampled || l.transposed ? 1 : p.SH, sw = l.sampled || l.transposed ? 1 : p.SW;
   // When pixels are exactly C floats apart and the taps of a kernel row are adjacent pixels, the
   // (tap, channel) steps of a kernel row are one run of KW x C floats, in the weights' order too:
   // the reduction becomes KH taps of KW x C "channels" (the stem's 3 channels x 7 columns: one
   // loop of 21, not 7 loops of 3).
-  const bool merge_row = l.cs == p.C && p.DW == 1 && p.KW > 1;
+  const bool merge_row = l.cs == p.C && p.DW == 1 && p.KW > 1 && !l.transposed;
   const int taps_n = merge_row ? p.KH : T, chans = merge_row ? p.KW * p.C : p.C;
   int32_t taps[64];
   std::vector<int32_t> many;
@@ -254,12 +287,16 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   }
   for (int ky = 0; ky < p.KH; ++ky)
     for (int kx = 0; kx < (merge_row ? 1 : p.KW); ++kx)
-      tap[ky * (merge_row ? 1 : p.KW) + kx] = int32_t((int64_t(ky) * p.DH * l.cols + int64_t(kx) * p.DW) * l.cs);
+      tap[ky * (merge_row ? 1 : p.KW) + kx] =
+          l.transposed ? int32_t(int64_t(kx) * l.cols * l.cs)  // KH == 1: tap kx is copy row + kx
+                       : int32_t((int64_t(ky) * p.DH * l.cols + int64_t(kx) * p.DW) * l.cs);
 
   // The sampled copy of a 1x1 conv is its output plane, pixel for pixel: one row of OH x OW
   // pixels, so tiles run on across output rows (a 7x7 plane is 8 full tiles and 1 pixel, not
   // 7 rows of 6 + 1).
-  const int out_rows = l.sampled ? 1 : p.OH, out_cols = l.sampled ? p.OH * p.OW : p.OW;
+  // A transposed copy's output rows are the output columns.
+  const int out_rows = l.sampled ? 1 : (l.transposed ? p.OW : p.OH);
+  const int out_cols = l.sampled ? p.OH * p.OW : (l.transposed ? p.OH : p.OW);
   const int blocks = int(ceil_div64(p.K, CB));
   // Rows per task: about 96 output pixels, so a task reuses its weight block many times.
   const int rows = std::max(1, std::min(out_rows, int(ceil_div64(96, out_cols))));
@@ -276,11 +313,14 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   // Per output row, the reduction steps whose kernel row reads real input: taps that fall wholly
   // in the top or bottom padding are skipped, not multiplied by zeros (a 7x1 conv at 17x17 with
   // 3 rows of padding does 10% fewer FMAs). Valid kernel rows are one contiguous run.
-  const int taps_per_ky = merge_row ? 1 : p.KW;
+  const int taps_per_ky = merge_row || l.transposed ? 1 : p.KW;
   std::vector<int64_t> valid(size_t(out_rows) * 2);
   for (int oy = 0; oy < out_rows; ++oy) {
     int ky0 = 0, ky1 = p.KH;
-    if (!l.sampled) {
+    if (l.transposed) {  // kernel "rows" are the taps kx; output row oy is output column oy
+      ky0 = std::max(0, p.PL - oy), ky1 = std::min(p.KW, p.W + p.PL - oy);
+      ky1 = std::max(ky0, ky1);
+    } else if (!l.sampled) {
       while (ky0 < p.KH && oy * p.SH - p.PT + ky0 * p.DH < 0) ++ky0;
       while (ky1 > ky0 && oy * p.SH - p.PT + (ky1 - 1) * p.DH >= p.H) --ky1;
     }
@@ -332,7 +372,10 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
           }
           if (s1 == steps) {
             if (v0 >= v1) std::fill_n(&out[0][0], kMaxPixels * CB, 0.0f);  // the row sees only padding
-            store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, ohw, yn, rn);
+            if (l.transposed)
+              store_tile(p, out, mr, k0, kn, int64_t(ox) * p.OW + oy, p.OW, ohw, yn, rn);
+            else
+              store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, 1, ohw, yn, rn);
           }
         }
       }
