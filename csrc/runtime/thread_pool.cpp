@@ -50,19 +50,32 @@ void ThreadPool::reserve_scratch(size_t floats) {
   scratch_stride_ = stride;
 }
 
-void ThreadPool::work(int thread) {
-  cpu::TaskFn& fn = *job_;
-  const int64_t n = job_n_;
+namespace {
+// The task counter carries the job's tag in its top bits, so a worker that wakes late, after its
+// job ended (or another began), fails to claim anything instead of running another job's tasks.
+constexpr int kIndexBits = 40;
+constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
+}  // namespace
+
+void ThreadPool::work(int thread, uint64_t tag, cpu::TaskFn* fn, int64_t n) {
   // Guided self-scheduling: claim a run of tasks sized to a share of what is left, so jobs of
   // thousands of tiny tasks (Winograd transforms, packing) do not bounce the counter's cache line
   // between cores for every task, while the last claims stay single tasks for balance.
   const int64_t share = 4 * int64_t(nthreads_);
-  int64_t i = next_.load(std::memory_order_relaxed);
-  while (i < n) {
+  uint64_t cur = next_.load(std::memory_order_acquire);
+  while ((cur & ~kIndexMask) == tag) {
+    int64_t i = int64_t(cur & kIndexMask);
+    if (i >= n) break;
     const int64_t take = std::max<int64_t>(1, (n - i) / share);
-    if (!next_.compare_exchange_weak(i, i + take, std::memory_order_relaxed)) continue;
-    for (const int64_t end = i + take; i < end; ++i) fn(i, thread);
-    i = next_.load(std::memory_order_relaxed);
+    if (!next_.compare_exchange_weak(cur, cur + uint64_t(take), std::memory_order_acq_rel,
+                                     std::memory_order_acquire))
+      continue;
+    for (const int64_t end = i + take; i < end; ++i) (*fn)(i, thread);
+    if (done_.fetch_add(take, std::memory_order_acq_rel) + take == n && thread != 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_cv_.notify_one();
+    }
+    cur = next_.load(std::memory_order_acquire);
   }
 }
 
@@ -72,27 +85,35 @@ void ThreadPool::run(int64_t n, cpu::TaskFn fn) {
     for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
+  if (uint64_t(n) > kIndexMask) throw std::length_error("thread pool: too many tasks in one job");
+  uint64_t tag;
   {
     std::lock_guard<std::mutex> lock(mu_);
     job_ = &fn;
     job_n_ = n;
-    next_.store(0, std::memory_order_relaxed);
-    active_.store(nthreads_ - 1, std::memory_order_relaxed);
-    resting_.store(false, std::memory_order_relaxed);
     ++generation_;
+    tag = (generation_ << kIndexBits);  // the generation's low bits; wraps harmlessly
+    done_.store(0, std::memory_order_relaxed);
+    next_.store(tag, std::memory_order_release);
+    resting_.store(false, std::memory_order_relaxed);
     published_.store(generation_, std::memory_order_release);
   }
   wake_.notify_all();
-  work(0);
-  // Wait for the workers to finish their last task (they may still hold one).
-  for (int spins = 0; active_.load(std::memory_order_acquire) != 0; ++spins) {
+  work(0, tag, &fn, n);
+  // Wait only for tasks that workers claimed and still run. A worker still waking up (a sleeping
+  // vCPU can take a millisecond) is not waited for: it will find nothing left to claim.
+  for (int spins = 0; done_.load(std::memory_order_acquire) != n; ++spins) {
     if (spins > 20000) {
       std::unique_lock<std::mutex> lock(mu_);
       done_cv_.wait_for(lock, std::chrono::microseconds(200),
-                        [this] { return active_.load(std::memory_order_acquire) == 0; });
+                        [&] { return done_.load(std::memory_order_acquire) == n; });
     }
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
   }
-  job_ = nullptr;
+  // job_ keeps pointing at `fn` after this returns: a worker that reads it late holds the old tag
+  // and never calls it (the counter says the job has no task left, or belongs to a newer job).
 }
 
 void ThreadPool::worker(int id) {
@@ -109,17 +130,17 @@ void ThreadPool::worker(int id) {
       __builtin_ia32_pause();
 #endif
     }
+    cpu::TaskFn* fn;
+    int64_t n;
+    uint64_t tag;
     {
       std::unique_lock<std::mutex> lock(mu_);
       if (!got) wake_.wait(lock, [&] { return generation_ != seen; });
       seen = generation_;
       if (stop_) return;
+      fn = job_, n = job_n_, tag = generation_ << kIndexBits;
     }
-    work(id);
-    if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_cv_.notify_one();
-    }
+    if (fn) work(id, tag, fn, n);
   }
 }
 

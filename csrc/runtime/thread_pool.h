@@ -37,7 +37,9 @@ class ThreadPool final : public cpu::Parallel {
     void operator()(float* p) const;
   };
   void worker(int id);
-  void work(int thread);
+  // Claims and runs tasks of the job tagged `tag` until none is left (or another job began);
+  // calls fn only for a claimed task, so a stale fn of an ended job is never called.
+  void work(int thread, uint64_t tag, cpu::TaskFn* fn, int64_t n);
 
   int nthreads_;
   std::vector<std::thread> workers_;
@@ -48,10 +50,10 @@ class ThreadPool final : public cpu::Parallel {
   uint64_t generation_ = 0;  // guarded by mu_; bumped per job
   bool stop_ = false;
   // The current job.
-  cpu::TaskFn* job_ = nullptr;
+  cpu::TaskFn* job_ = nullptr;  // guarded by mu_, with job_n_: the latest job (may have ended)
   int64_t job_n_ = 0;
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> active_{0};
+  std::atomic<uint64_t> next_{0};  // the job's tag (high bits) | the next unclaimed task
+  std::atomic<int64_t> done_{0};   // tasks of the current job finished
   std::atomic<uint64_t> published_{0};  // generation visible to spinning workers
   std::atomic<bool> resting_{true};
 
