@@ -10,7 +10,6 @@
 #include <cstring>
 #include <new>
 
-#include <sys/mman.h>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -318,18 +317,6 @@ void mih_detail::scan_rest_scalar(const uint8_t* rest, int64_t count, int stride
   }
 }
 
-void* huge_page_alloc(size_t bytes) {
-  constexpr size_t kHuge = size_t(1) << 21;
-  const bool huge = bytes >= kHuge;
-  const size_t align = huge ? kHuge : 64;
-  const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
-  void* p = std::aligned_alloc(align, rounded);
-  if (!p) throw std::bad_alloc();
-  if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: without it the arrays still work
-  return p;
-}
-
-void huge_page_free(void* p) noexcept { std::free(p); }
 
 size_t MihTables::memory_bytes() const {
   size_t bytes = 0;

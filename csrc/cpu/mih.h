@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/hamming.h"
+#include "cpu/huge_pages.h"
 #include "cpu/parallel.h"
 
 namespace cbir::cpu {
@@ -39,8 +40,6 @@ struct HugePageAllocator {
 };
 template <typename T>
 using HugeVector = std::vector<T, HugePageAllocator<T>>;
-void* huge_page_alloc(size_t bytes);
-void huge_page_free(void* p) noexcept;
 template <typename T>
 T* HugePageAllocator<T>::allocate(size_t n) {
   return static_cast<T*>(huge_page_alloc(n * sizeof(T)));

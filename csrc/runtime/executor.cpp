@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "cpu/conv.h"
+#include "cpu/huge_pages.h"
 #include "cpu/direct_conv.h"
 #include "cpu/gemm.h"
 #include "cpu/ops.h"
@@ -442,9 +443,7 @@ Executor::Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::v
       inputs_(std::move(inputs)),
       outputs_(std::move(outputs)) {
   if (arena_bytes < 0) throw std::invalid_argument("negative arena size");
-  void* mem = std::aligned_alloc(64, size_t((arena_bytes + 63) / 64 * 64 + 64));
-  if (!mem) throw std::bad_alloc();
-  arena_.reset(static_cast<char*>(mem));
+  arena_.reset(static_cast<char*>(cpu::huge_page_alloc(size_t((arena_bytes + 63) / 64 * 64 + 64))));
   for (const auto& t : inputs_)
     if (t.is_const) throw std::invalid_argument("an input cannot be a constant");
   for (const auto& t : outputs_) tensor_ptr(t);  // validates the reference
@@ -459,9 +458,7 @@ Executor::Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::v
   }
   pool_->reserve_scratch(scratch);
   if (workspace) {
-    void* ws = std::aligned_alloc(64, (workspace * sizeof(float) + 63) / 64 * 64);
-    if (!ws) throw std::bad_alloc();
-    workspace_.reset(static_cast<char*>(ws));
+    workspace_.reset(static_cast<char*>(cpu::huge_page_alloc(workspace * sizeof(float))));
     for (auto& s : steps_) s->bind_workspace(reinterpret_cast<float*>(workspace_.get()));
   }
 }
