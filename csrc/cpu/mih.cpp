@@ -8,11 +8,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <new>
-
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
