@@ -4,7 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -314,23 +314,20 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   // in the top or bottom padding are skipped, not multiplied by zeros (a 7x1 conv at 17x17 with
   // 3 rows of padding does 10% fewer FMAs). Valid kernel rows are one contiguous run.
   const int taps_per_ky = merge_row || l.transposed ? 1 : p.KW;
-  std::vector<int64_t> valid(size_t(out_rows) * 2);
-  for (int oy = 0; oy < out_rows; ++oy) {
+  auto valid_steps = [&](int oy) {
     int ky0 = 0, ky1 = p.KH;
     if (l.transposed) {  // kernel "rows" are the taps kx; output row oy is output column oy
-      ky0 = std::max(0, p.PL - oy), ky1 = std::min(p.KW, p.W + p.PL - oy);
-      ky1 = std::max(ky0, ky1);
+      ky0 = std::max(0, p.PL - oy), ky1 = std::max(ky0, std::min(p.KW, p.W + p.PL - oy));
     } else if (!l.sampled) {
       while (ky0 < p.KH && oy * p.SH - p.PT + ky0 * p.DH < 0) ++ky0;
       while (ky1 > ky0 && oy * p.SH - p.PT + (ky1 - 1) * p.DH >= p.H) --ky1;
     }
-    valid[2 * size_t(oy)] = int64_t(ky0) * taps_per_ky * chans;
-    valid[2 * size_t(oy) + 1] = int64_t(ky1) * taps_per_ky * chans;
-  }
+    return std::pair<int64_t, int64_t>(int64_t(ky0) * taps_per_ky * chans, int64_t(ky1) * taps_per_ky * chans);
+  };
   const int row_tiles = int(ceil_div64(out_cols, kMaxPixels));
   const int narrow = out_cols / row_tiles, wide_tiles = out_cols % row_tiles;
   // The tile's instruction set follows the GEMM's (gemm_isa(): AVX-512F where the CPU has it).
-  const bool wide = std::string(gemm_isa()) == "avx512";
+  const bool wide = gemm_uses_avx512();
   auto work = [&](int64_t task, int) {
     const int64_t n = task / (int64_t(blocks) * chunks);
     const int kb = int(task / chunks % blocks), chunk = int(task % chunks);
@@ -354,6 +351,7 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
       int tile_no = 0;
       for (int oy = oy0; oy < oy1; ++oy) {
         const float* xrow = xn + int64_t(oy) * sh * row_floats;
+        const auto [v0, v1] = valid_steps(oy);
         for (int ti = 0; ti < row_tiles; ++ti, ++tile_no) {
           for (int64_t line = tile_no * lines_per_tile; line < std::min(next_lines, (tile_no + 1) * lines_per_tile);
                ++line)
@@ -362,7 +360,6 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
           const float* x = xrow + int64_t(ox) * sw * l.cs;
           float(*out)[CB] = sums[(oy - oy0) * row_tiles + ti];
           // This slice's share of the row's valid steps; the first valid step starts the sums.
-          const int64_t v0 = valid[2 * size_t(oy)], v1 = valid[2 * size_t(oy) + 1];
           const int64_t a0 = std::max(s0, v0), a1 = std::min(s1, v1);
           if (a0 < a1) {
             if (wide) direct_detail::run_tile_avx512(mr, x, sw, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
@@ -372,10 +369,9 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
           }
           if (s1 == steps) {
             if (v0 >= v1) std::fill_n(&out[0][0], kMaxPixels * CB, 0.0f);  // the row sees only padding
-            if (l.transposed)
-              store_tile(p, out, mr, k0, kn, int64_t(ox) * p.OW + oy, p.OW, ohw, yn, rn);
-            else
-              store_tile(p, out, mr, k0, kn, int64_t(oy) * out_cols + ox, 1, ohw, yn, rn);
+            // A transposed copy's tile runs down an output column: its pixels are OW apart.
+            const int64_t pix = l.transposed ? int64_t(ox) * p.OW + oy : int64_t(oy) * out_cols + ox;
+            store_tile(p, out, mr, k0, kn, pix, l.transposed ? p.OW : 1, ohw, yn, rn);
           }
         }
       }

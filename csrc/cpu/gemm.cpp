@@ -168,6 +168,7 @@ Blocking choose_blocking(const GemmParams& p, int threads) {
 
 }  // namespace
 
+bool gemm_uses_avx512() { return use_avx512(); }
 const char* gemm_isa() { return use_avx512() ? "avx512" : "avx2"; }
 
 bool gemm_set_isa(const char* name) {

@@ -84,6 +84,8 @@ struct GemmParams {
 // ("auto", "avx2", "avx512"; false when unknown or the CPU lacks it), for tests and comparisons.
 const char* gemm_isa();
 bool gemm_set_isa(const char* name);
+// Whether the AVX-512F micro-kernels run (what gemm_isa() names); the direct conv follows it.
+bool gemm_uses_avx512();
 
 // Per-thread scratch the call needs (floats).
 size_t gemm_scratch_floats(const GemmParams& p, int threads);

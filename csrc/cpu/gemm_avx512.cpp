@@ -18,10 +18,10 @@ constexpr int MR = kGemmMR;
 constexpr int NR = kGemmNR;
 static_assert(NR == 16, "one zmm per tile row");
 
-template <int R, bool kFused>
-CBIR_AVX512 void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
-                              int64_t ldc, bool accumulate, const TileEpilogue* ep) {
-  __m512 acc[R];
+// acc[r] = sum over the kc steps of A panel row r times the B panel row (one zmm per row).
+template <int R>
+CBIR_AVX512 inline __attribute__((always_inline)) void panel_product(int kc, const float* __restrict a,
+                                                                     const float* __restrict b, __m512 acc[R]) {
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   // Pointer steps, not k * MR indexing: int indices cost a sign extension per broadcast.
@@ -31,6 +31,13 @@ CBIR_AVX512 void micro_kernel(int kc, const float* __restrict a, const float* __
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), bv, acc[r]);
   }
+}
+
+template <int R, bool kFused>
+CBIR_AVX512 void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+                              int64_t ldc, bool accumulate, const TileEpilogue* ep) {
+  __m512 acc[R];
+  panel_product<R>(kc, a, b, acc);
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
     float* row = c + r * ldc;
@@ -57,14 +64,7 @@ template <int R>
 CBIR_AVX512 void micro_kernel_masked(int kc, const float* __restrict a, const float* __restrict b,
                                      float* __restrict c, int64_t ldc, bool accumulate, int cols) {
   __m512 acc[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (const float* const end = b + int64_t(kc) * NR; b != end; b += NR, a += MR) {
-    const __m512 bv = _mm512_loadu_ps(b);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), bv, acc[r]);
-  }
+  panel_product<R>(kc, a, b, acc);
   const __mmask16 mask = __mmask16((1u << cols) - 1u);
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
