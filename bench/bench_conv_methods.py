@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="gemm,direct", help="two of gemm, direct, winograd, ort")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=11)
+    ap.add_argument("--gap-ms", type=float, default=50.0,
+                    help="idle time before each timing: ONNX Runtime's threads keep spinning after a run")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
     a_name, b_name = args.methods.split(",")
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         reps = max(3, int(0.02 / (flops / 80e9)))  # about 20 ms per timing
 
         def timed(engine, reps=reps, x=x):
+            time.sleep(args.gap_ms / 1e3)
             t0 = time.perf_counter()
             for _ in range(reps):
                 engine(x)

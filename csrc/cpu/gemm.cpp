@@ -351,39 +351,54 @@ void run_gemm(const GemmParams& params, Parallel& par) {
           pack_a_block(p.a + bt * p.a_bs, p.a_rs, p.a_cs, m1, msc, k0, kc, abuf);
           ablk = abuf;
         }
-        for (int jp = 0; jp < nc; jp += NR) {
+        // Row panels outer, column panels inner: an A micro-panel stays in L1 while the task's B
+        // panels stream from L2, and C (and the residual) are walked in short sequential runs.
+        const int n_panels = int(ceil_div(nc, NR)), m_panels = int(ceil_div(msc, MR));
+        const int tiles = n_panels * m_panels;
+        for (int it = 0; it < tiles; ++it) {
+          const int jp = it % n_panels * NR, ip = it / n_panels * MR;
           const int cols = std::min(NR, nc - jp);
           const float* bp = bblk + int64_t(jp / NR) * bstride;
-          for (int ip = 0; ip < msc; ip += MR) {
-            const int rows = std::min(MR, msc - ip);
-            const float* ap = ablk + int64_t(ip / MR) * astride;
-            const int i0 = m1 + ip, j0 = n0 + jp;
-            float* cp = cbase + int64_t(i0) * p.ldc + j0;
-            if (cols == NR && last && fused) {
-              TileEpilogue te;
-              te.row_bias = (p.ep.bias && p.ep.bias_per_row) ? p.ep.bias + i0 : nullptr;
-              te.col_bias = (p.ep.bias && !p.ep.bias_per_row) ? p.ep.bias + j0 : nullptr;
-              te.res = res ? res + int64_t(i0) * p.ep.res_rs + j0 : nullptr;
-              te.res_rs = p.ep.res_rs;
-              te.beta = p.ep.beta;
-              te.relu = p.ep.act == Act::Relu;
-              te.clip = p.ep.act == Act::Clip;
-              te.lo = p.ep.act_a, te.hi = p.ep.act_b;
-              full_fused[rows](kc, ap, bp, cp, p.ldc, accumulate, &te);
-              continue;
+          const int rows = std::min(MR, msc - ip);
+          const float* ap = ablk + int64_t(ip / MR) * astride;
+          const int i0 = m1 + ip, j0 = n0 + jp;
+          float* cp = cbase + int64_t(i0) * p.ldc + j0;
+          if (it + 1 < tiles) {
+            // The next tile's C rows and residual rows head for the cache while this tile's k
+            // loop runs: in a network they are cold, and the tile's stores and epilogue would wait.
+            const int jn = (it + 1) % n_panels * NR, in = (it + 1) / n_panels * MR;
+            const int rn = std::min(MR, msc - in);
+            const float* cn = cbase + int64_t(m1 + in) * p.ldc + n0 + jn;
+            for (int r = 0; r < rn; ++r) __builtin_prefetch(cn + r * p.ldc, 1, 3);
+            if (res && last) {
+              const float* rnext = res + int64_t(m1 + in) * p.ep.res_rs + n0 + jn;
+              for (int r = 0; r < rn; ++r) __builtin_prefetch(rnext + r * p.ep.res_rs, 0, 3);
             }
-            if (cols == NR) {
-              full[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
-            } else if (wide) {
-              gemm_detail::avx512_micro_masked()[rows](kc, ap, bp, cp, p.ldc, accumulate, cols);
-            } else {
-              if (accumulate)
-                for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));
-              (cols <= 8 ? kMicroHalf : kMicro)[rows](kc, ap, bp, tile, NR, accumulate, nullptr);
-              for (int r = 0; r < rows; ++r) std::memcpy(cp + r * p.ldc, tile + r * NR, cols * sizeof(float));
-            }
-            if (last) apply_epilogue(p.ep, res, i0, j0, rows, cols, cp, p.ldc);
           }
+          if (cols == NR && last && fused) {
+            TileEpilogue te;
+            te.row_bias = (p.ep.bias && p.ep.bias_per_row) ? p.ep.bias + i0 : nullptr;
+            te.col_bias = (p.ep.bias && !p.ep.bias_per_row) ? p.ep.bias + j0 : nullptr;
+            te.res = res ? res + int64_t(i0) * p.ep.res_rs + j0 : nullptr;
+            te.res_rs = p.ep.res_rs;
+            te.beta = p.ep.beta;
+            te.relu = p.ep.act == Act::Relu;
+            te.clip = p.ep.act == Act::Clip;
+            te.lo = p.ep.act_a, te.hi = p.ep.act_b;
+            full_fused[rows](kc, ap, bp, cp, p.ldc, accumulate, &te);
+            continue;
+          }
+          if (cols == NR) {
+            full[rows](kc, ap, bp, cp, p.ldc, accumulate, nullptr);
+          } else if (wide) {
+            gemm_detail::avx512_micro_masked()[rows](kc, ap, bp, cp, p.ldc, accumulate, cols);
+          } else {
+            if (accumulate)
+              for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, cp + r * p.ldc, cols * sizeof(float));
+            (cols <= 8 ? kMicroHalf : kMicro)[rows](kc, ap, bp, tile, NR, accumulate, nullptr);
+            for (int r = 0; r < rows; ++r) std::memcpy(cp + r * p.ldc, tile + r * NR, cols * sizeof(float));
+          }
+          if (last) apply_epilogue(p.ep, res, i0, j0, rows, cols, cp, p.ldc);
         }
       }
     }

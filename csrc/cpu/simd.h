@@ -63,4 +63,12 @@ inline __m256i tail_mask(int n) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
 }
 
+// Lanes [lo, hi) set (empty when hi <= lo).
+inline __m256i range_mask(int lo, int hi) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i ge_lo = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo - 1));
+  const __m256i lt_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane);
+  return _mm256_and_si256(ge_lo, lt_hi);
+}
+
 }  // namespace cbir::cpu::simd

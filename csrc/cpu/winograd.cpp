@@ -19,6 +19,9 @@ constexpr int XI = A6 * A6;  // 36 transformed positions
 // tiles floats) stay around this many floats, whatever the batch and image size.
 constexpr size_t kChunkFloats = size_t(1) << 20;
 constexpr int NR = kGemmNR;
+// Channels per transform task: enough consecutive stores per plane to stream, small enough
+// that the tasks of a chunk balance across threads.
+constexpr int kTransformChannels = 8;
 
 // Transforms of 8 tiles at once (one tile per SIMD lane). Lavin and Gray's F(4,3) matrices with
 // interpolation points 0, +-1, +-2:
@@ -166,6 +169,10 @@ WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int position
   const size_t per_tile = size_t(positions) * size_t(p.C + p.K);
   int64_t chunk = int64_t(std::max<size_t>(NR, kChunkFloats / per_tile));
   chunk = (chunk + NR - 1) / NR * NR;
+  // Equal chunks (in whole panels), not full ones and a sliver: 196 tiles in two chunks of 112
+  // and 84, not 192 and 4, whose GEMMs would be all edge.
+  const int64_t chunks = (t.total + chunk - 1) / chunk;
+  chunk = ((t.total + chunks - 1) / chunks + NR - 1) / NR * NR;
   t.chunk = std::min<int64_t>(chunk, t.total);
   t.chunk_padded = (t.chunk + NR - 1) / NR * NR;
   return t;
@@ -216,39 +223,38 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
     const int64_t padded = (tiles + NR - 1) / NR * NR;
     const int64_t groups = padded / 8;  // 8 tiles per SIMD group; the padding tiles are zeros
     const int64_t xi_stride = int64_t(p.C) * padded;
-    // 1. Input transform, 8 tiles per step, straight into packed-B panels.
-    auto in_task = [&](int64_t task, int) {
-      const int c = int(task % p.C);
-      const int64_t g = task / p.C;
+    // 1. Input transform, 8 tiles per step, straight into packed-B panels. A task takes both
+    // 8-tile groups of a 16-tile panel for a run of channels, so its stores fill whole cache
+    // lines and advance sequentially through each of the 36 planes.
+    // Where each tile's 6x6 patch starts: fixed for all channels, so found once per task.
+    struct TilePos {
+      const float* image;  // channel 0 of the tile's image
+      int y0, x0;
+      bool inside;  // every row has 8 floats from x0 on: plain loads
+    };
+    auto in_group = [&](int64_t g, int c, const TilePos* pos) {
       // Row i of every lane's 6x6 patch as one vector (6 valid floats), then transposed so
       // that dv[i][k] holds column k of row i across the 8 lanes.
-      const __m256i six = simd::tail_mask(6);
       V8 rows[A6][8];
       for (int lane = 0; lane < 8; ++lane) {
-        const int64_t j = g * 8 + lane;
-        if (j >= tiles) {
+        const TilePos& tp = pos[lane];
+        if (!tp.image) {  // past the last tile: zeros
           for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_setzero_ps();
           continue;
         }
-        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
-        const int y0 = int(r / t.tw) * 4 - p.PT, x0 = int(r % t.tw) * 4 - p.PL;
-        const float* x = p.x + (n * p.C + c) * in_plane;
-        if (y0 >= 0 && x0 >= 0 && y0 + A6 <= p.H && x0 + A6 <= p.W) {
-          // 8 floats when the row has them (plain loads are cheaper), else the 6 we need.
-          if (x0 + 8 <= p.W)
-            for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_loadu_ps(x + int64_t(y0 + i) * p.W + x0);
-          else
-            for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_maskload_ps(x + int64_t(y0 + i) * p.W + x0, six);
-        } else {  // the patch crosses the image border: zeros outside
+        const float* x = tp.image + int64_t(c) * in_plane;
+        const int y0 = tp.y0, x0 = tp.x0;
+        if (tp.inside) {
+          for (int i = 0; i < A6; ++i) rows[i][lane] = _mm256_loadu_ps(x + int64_t(y0 + i) * p.W + x0);
+        } else {
+          // Near an edge: a masked load per row reads only the columns inside the image (the
+          // rest read as zeros, and masked-off lanes never touch memory); rows outside are zeros.
+          const __m256i cols = simd::range_mask(std::max(0, -x0), std::min(A6, p.W - x0));
           for (int i = 0; i < A6; ++i) {
             const int yy = y0 + i;
-            alignas(32) float row[8] = {};
-            if (yy >= 0 && yy < p.H)
-              for (int k = 0; k < A6; ++k) {
-                const int xx = x0 + k;
-                if (xx >= 0 && xx < p.W) row[k] = x[int64_t(yy) * p.W + xx];
-              }
-            rows[i][lane] = _mm256_load_ps(row);
+            rows[i][lane] = (yy >= 0 && yy < p.H)
+                                ? _mm256_maskload_ps(x + int64_t(yy) * p.W + x0, cols)
+                                : _mm256_setzero_ps();
           }
         }
       }
@@ -261,14 +267,31 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
       float* out = V + padded * k0 + (g * 8 / NR) * int64_t(kc) * NR + int64_t(c - k0) * NR + (g * 8) % NR;
       for (int xi = 0; xi < XI; ++xi) _mm256_storeu_ps(out + xi * xi_stride, v[xi]);
     };
-    par.run(int64_t(p.C) * groups, in_task);
+    const int64_t c_blocks = (p.C + kTransformChannels - 1) / kTransformChannels;
+    auto in_task = [&](int64_t task, int) {
+      const int64_t panel = task / c_blocks;
+      const int c0 = int(task % c_blocks) * kTransformChannels, c1 = std::min(p.C, c0 + kTransformChannels);
+      TilePos pos[NR];
+      for (int lane = 0; lane < NR; ++lane) {
+        const int64_t j = panel * NR + lane;
+        if (j >= tiles) {
+          pos[lane] = TilePos{nullptr, 0, 0, false};
+          continue;
+        }
+        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
+        const int y0 = int(r / t.tw) * 4 - p.PT, x0 = int(r % t.tw) * 4 - p.PL;
+        pos[lane] = TilePos{p.x + n * p.C * in_plane, y0, x0,
+                            x0 >= 0 && x0 + 8 <= p.W && y0 >= 0 && y0 + A6 <= p.H};
+      }
+      for (int c = c0; c < c1; ++c)
+        for (int64_t g = panel * 2; g < std::min(groups, panel * 2 + 2); ++g) in_group(g, c, pos + (g - panel * 2) * 8);
+    };
+    par.run(c_blocks * (padded / NR), in_task);
     // 2. The 36 GEMMs.
     run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);  // the 36 GEMMs, V in packed-B panels
     // 3. Output transform, 8 tiles per step, with the epilogue.
     const int64_t out_groups = (tiles + 7) / 8;
-    auto out_task = [&](int64_t task, int) {
-      const int k = int(task % p.K);
-      const int64_t g = task / p.K;
+    auto out_group = [&](int64_t g, int k) {
       const int lanes = int(std::min<int64_t>(8, tiles - g * 8));
       const float* src = M + int64_t(k) * tiles + g * 8;
       V8 m[XI];
@@ -305,7 +328,17 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
         }
       }
     };
-    par.run(int64_t(p.K) * out_groups, out_task);
+    // Like the input: both groups of 16 tiles for a run of output channels, so each of the 36
+    // loads per group reads on along the cache line the previous group began.
+    const int64_t k_blocks = (p.K + kTransformChannels - 1) / kTransformChannels;
+    const int64_t out_pairs = (out_groups + 1) / 2;
+    auto out_task = [&](int64_t task, int) {
+      const int64_t pair = task / k_blocks;
+      const int k0 = int(task % k_blocks) * kTransformChannels, k1 = std::min(p.K, k0 + kTransformChannels);
+      for (int k = k0; k < k1; ++k)
+        for (int64_t g = pair * 2; g < std::min(out_groups, pair * 2 + 2); ++g) out_group(g, k);
+    };
+    par.run(k_blocks * out_pairs, out_task);
   }
 }
 
