@@ -63,6 +63,20 @@ inline __m256i tail_mask(int n) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
 }
 
+// r[lane] holds 4 values of one lane; afterwards out[k][lane] = r[lane][k].
+inline void transpose8x4(const __m128 r[8], __m256 out[4]) {
+  const __m256 a = _mm256_insertf128_ps(_mm256_castps128_ps256(r[0]), r[4], 1);
+  const __m256 b = _mm256_insertf128_ps(_mm256_castps128_ps256(r[1]), r[5], 1);
+  const __m256 c = _mm256_insertf128_ps(_mm256_castps128_ps256(r[2]), r[6], 1);
+  const __m256 d = _mm256_insertf128_ps(_mm256_castps128_ps256(r[3]), r[7], 1);
+  const __m256 ab0 = _mm256_unpacklo_ps(a, b), ab1 = _mm256_unpackhi_ps(a, b);
+  const __m256 cd0 = _mm256_unpacklo_ps(c, d), cd1 = _mm256_unpackhi_ps(c, d);
+  out[0] = _mm256_shuffle_ps(ab0, cd0, 0x44);
+  out[1] = _mm256_shuffle_ps(ab0, cd0, 0xEE);
+  out[2] = _mm256_shuffle_ps(ab1, cd1, 0x44);
+  out[3] = _mm256_shuffle_ps(ab1, cd1, 0xEE);
+}
+
 // Lanes [lo, hi) set (empty when hi <= lo).
 inline __m256i range_mask(int lo, int hi) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

@@ -291,7 +291,12 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
     run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);  // the 36 GEMMs, V in packed-B panels
     // 3. Output transform, 8 tiles per step, with the epilogue.
     const int64_t out_groups = (tiles + 7) / 8;
-    auto out_group = [&](int64_t g, int k) {
+    // Where each tile's 4x4 output block lands: fixed for all output channels.
+    struct OutPos {
+      int64_t offset;  // of the block's first element in channel 0 of its image
+      int rows, cols;  // inside the output (partial blocks at the bottom and right edges)
+    };
+    auto out_group = [&](int64_t g, int k, const OutPos* pos) {
       const int lanes = int(std::min<int64_t>(8, tiles - g * 8));
       const float* src = M + int64_t(k) * tiles + g * 8;
       V8 m[XI];
@@ -307,14 +312,13 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
       __m128 rows[4][8];
       for (int i = 0; i < 4; ++i) transpose4x8(yv[i], rows[i]);
       for (int lane = 0; lane < lanes; ++lane) {
-        const int64_t tile = t0 + g * 8 + lane, n = tile / per_image, r = tile % per_image;
-        const int y0 = int(r / t.tw) * 4, x0 = int(r % t.tw) * 4;
-        float* out = p.y + (n * p.K + k) * out_plane;
-        const float* res = p.residual ? p.residual + (n * p.K + k) * out_plane : nullptr;
-        const int nrows = std::min(4, p.OH - y0), cols = std::min(4, p.OW - x0);
+        const OutPos& op = pos[lane];
+        float* out = p.y + op.offset + int64_t(k) * out_plane;
+        const float* res = p.residual ? p.residual + op.offset + int64_t(k) * out_plane : nullptr;
+        const int cols = op.cols;
         const __m128i mask = _mm256_castsi256_si128(simd::tail_mask(cols));
-        for (int i = 0; i < nrows; ++i) {
-          const int64_t o = int64_t(y0 + i) * p.OW + x0;
+        for (int i = 0; i < op.rows; ++i) {
+          const int64_t o = int64_t(i) * p.OW;
           __m128 v = _mm_add_ps(rows[i][lane], b);
           if (res) v = _mm_add_ps(v, cols == 4 ? _mm_loadu_ps(res + o) : _mm_maskload_ps(res + o, mask));
           v = act4(p.act, v, p.act_a, p.act_b);
@@ -335,8 +339,16 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
     auto out_task = [&](int64_t task, int) {
       const int64_t pair = task / k_blocks;
       const int k0 = int(task % k_blocks) * kTransformChannels, k1 = std::min(p.K, k0 + kTransformChannels);
+      OutPos pos[NR];
+      for (int lane = 0; lane < NR && pair * NR + lane < tiles; ++lane) {
+        const int64_t tile = t0 + pair * NR + lane, n = tile / per_image, r = tile % per_image;
+        const int y0 = int(r / t.tw) * 4, x0 = int(r % t.tw) * 4;
+        pos[lane] = OutPos{n * p.K * out_plane + int64_t(y0) * p.OW + x0, std::min(4, p.OH - y0),
+                           std::min(4, p.OW - x0)};
+      }
       for (int k = k0; k < k1; ++k)
-        for (int64_t g = pair * 2; g < std::min(out_groups, pair * 2 + 2); ++g) out_group(g, k);
+        for (int64_t g = pair * 2; g < std::min(out_groups, pair * 2 + 2); ++g)
+          out_group(g, k, pos + (g - pair * 2) * 8);
     };
     par.run(k_blocks * out_pairs, out_task);
   }

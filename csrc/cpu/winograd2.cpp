@@ -17,6 +17,7 @@ namespace {
 constexpr int A4 = 4;          // transformed tile side (2 + 3 - 1)
 constexpr int XI = A4 * A4;    // 16 transformed positions
 constexpr int NR = kGemmNR;
+constexpr int kChannelRun = 8;  // channels per transform task, as in the F(4x4) path
 
 // B^T d for one column (d0..d3) of 8 tiles: B^T rows [1 0 -1 0] [0 1 1 0] [0 -1 1 0] [0 1 0 -1].
 inline void bt4(const __m256 d[4], __m256 o[4]) {
@@ -70,34 +71,31 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
     const int64_t padded = (tiles + NR - 1) / NR * NR;
     const int64_t groups = padded / 8;
     const int64_t xi_stride = int64_t(p.C) * padded;
-    // 1. Input transform: 8 tiles of one channel per task, each 4x4 patch gathered lane-wise
-    //    (zeros outside the image and for the padding tiles), written into packed-B panels.
-    auto in_task = [&](int64_t task, int) {
-      const int c = int(task % p.C);
-      const int64_t g = task / p.C;
-      alignas(32) float patch[XI][8];
-      for (int lane = 0; lane < 8; ++lane) {
-        const int64_t j = g * 8 + lane;
-        if (j >= tiles) {
-          for (int e = 0; e < XI; ++e) patch[e][lane] = 0.0f;
-          continue;
+    // 1. Input transform, 8 tiles per step, written into packed-B panels. A task takes the 16
+    //    tiles of a panel for a run of channels (whole cache lines per store pair), with the
+    //    tiles' positions found once; each patch row is one masked load (zeros outside).
+    struct TilePos {
+      const float* image;  // channel 0 of the tile's image; null past the last tile
+      int y0;
+      __m128i cols;  // the patch columns inside the image
+      int x0;
+    };
+    auto in_group = [&](int64_t g, int c, const TilePos* pos) {
+      __m256 patch[XI];  // patch[i * 4 + k]: element (i, k) of the 8 lanes' patches
+      for (int i = 0; i < A4; ++i) {
+        __m128 row[8];
+        for (int lane = 0; lane < 8; ++lane) {
+          const TilePos& tp = pos[lane];
+          const int yy = tp.y0 + i;
+          row[lane] = tp.image && yy >= 0 && yy < p.H
+                          ? _mm_maskload_ps(tp.image + int64_t(c) * in_plane + int64_t(yy) * p.W + tp.x0, tp.cols)
+                          : _mm_setzero_ps();
         }
-        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
-        const int y0 = int(r / t.tw) * 2 - p.PT, x0 = int(r % t.tw) * 2 - p.PL;
-        const float* x = p.x + (n * p.C + c) * in_plane;
-        for (int i = 0; i < A4; ++i) {
-          const int yy = y0 + i;
-          const bool row_in = yy >= 0 && yy < p.H;
-          for (int k = 0; k < A4; ++k) {
-            const int xx = x0 + k;
-            patch[i * A4 + k][lane] = row_in && xx >= 0 && xx < p.W ? x[int64_t(yy) * p.W + xx] : 0.0f;
-          }
-        }
+        simd::transpose8x4(row, patch + i * A4);
       }
       __m256 tmp[A4][A4], v[XI];
       for (int k = 0; k < A4; ++k) {  // columns: B^T d
-        const __m256 col[4] = {_mm256_load_ps(patch[k]), _mm256_load_ps(patch[4 + k]),
-                               _mm256_load_ps(patch[8 + k]), _mm256_load_ps(patch[12 + k])};
+        const __m256 col[4] = {patch[k], patch[4 + k], patch[8 + k], patch[12 + k]};
         __m256 o[4];
         bt4(col, o);
         for (int i = 0; i < A4; ++i) tmp[i][k] = o[i];
@@ -111,14 +109,37 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
       float* out = V + padded * k0 + (g * 8 / NR) * int64_t(kc) * NR + int64_t(c - k0) * NR + (g * 8) % NR;
       for (int xi = 0; xi < XI; ++xi) _mm256_storeu_ps(out + xi * xi_stride, v[xi]);
     };
-    par.run(int64_t(p.C) * groups, in_task);
+    const int64_t c_blocks = (p.C + kChannelRun - 1) / kChannelRun;
+    auto in_task = [&](int64_t task, int) {
+      const int64_t panel = task / c_blocks;
+      const int c0 = int(task % c_blocks) * kChannelRun, c1 = std::min(p.C, c0 + kChannelRun);
+      TilePos pos[NR];
+      for (int lane = 0; lane < NR; ++lane) {
+        const int64_t j = panel * NR + lane;
+        if (j >= tiles) {
+          pos[lane] = TilePos{nullptr, 0, _mm_setzero_si128(), 0};
+          continue;
+        }
+        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
+        const int y0 = int(r / t.tw) * 2 - p.PT, x0 = int(r % t.tw) * 2 - p.PL;
+        const __m128i cols = _mm256_castsi256_si128(simd::range_mask(std::max(0, -x0), std::min(A4, p.W - x0)));
+        pos[lane] = TilePos{p.x + n * p.C * in_plane, y0, cols, x0};
+      }
+      for (int c = c0; c < c1; ++c)
+        for (int64_t g = panel * 2; g < std::min(groups, panel * 2 + 2); ++g)
+          in_group(g, c, pos + (g - panel * 2) * 8);
+    };
+    par.run(c_blocks * (padded / NR), in_task);
     // 2. The 16 GEMMs.
     run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);
-    // 3. Output transform with the epilogue: 8 tiles of one output channel per task.
+    // 3. Output transform with the epilogue: 8 tiles of one output channel per step, the
+    //    16 tiles of a panel for a run of channels per task.
     const int64_t out_groups = (tiles + 7) / 8;
-    auto out_task = [&](int64_t task, int) {
-      const int k = int(task % p.K);
-      const int64_t g = task / p.K;
+    struct OutPos {
+      int64_t offset;  // of the 2x2 block's first element in channel 0 of its image
+      int rows, cols;
+    };
+    auto out_group = [&](int64_t g, int k, const OutPos* pos) {
       const int lanes = int(std::min<int64_t>(8, tiles - g * 8));
       const float* src = M + int64_t(k) * tiles + g * 8;
       alignas(32) float buf[8];
@@ -145,20 +166,35 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
         for (int j = 0; j < 2; ++j) _mm256_store_ps(yv[i][j], y[i][j]);
       const float bias = p.bias ? p.bias[k] : 0.0f;
       for (int lane = 0; lane < lanes; ++lane) {
-        const int64_t tile = t0 + g * 8 + lane, n = tile / per_image, r = tile % per_image;
-        const int oy = int(r / t.tw) * 2, ox = int(r % t.tw) * 2;
-        float* out = p.y + (n * p.K + k) * out_plane;
-        const float* res = p.residual ? p.residual + (n * p.K + k) * out_plane : nullptr;
-        for (int i = 0; i < 2 && oy + i < p.OH; ++i)
-          for (int j = 0; j < 2 && ox + j < p.OW; ++j) {
-            const int64_t o = int64_t(oy + i) * p.OW + ox + j;
+        const OutPos& op = pos[lane];
+        float* out = p.y + op.offset + int64_t(k) * out_plane;
+        const float* res = p.residual ? p.residual + op.offset + int64_t(k) * out_plane : nullptr;
+        for (int i = 0; i < op.rows; ++i)
+          for (int j = 0; j < op.cols; ++j) {
+            const int64_t o = int64_t(i) * p.OW + j;
             float v = yv[i][j][lane] + bias;
             if (res) v += res[o];
             out[o] = act1(p.act, v, p.act_a, p.act_b);
           }
       }
     };
-    par.run(int64_t(p.K) * out_groups, out_task);
+    const int64_t k_blocks = (p.K + kChannelRun - 1) / kChannelRun;
+    const int64_t out_pairs = (out_groups + 1) / 2;
+    auto out_task = [&](int64_t task, int) {
+      const int64_t pair = task / k_blocks;
+      const int k0 = int(task % k_blocks) * kChannelRun, k1 = std::min(p.K, k0 + kChannelRun);
+      OutPos pos[NR];
+      for (int lane = 0; lane < NR && pair * NR + lane < tiles; ++lane) {
+        const int64_t tile = t0 + pair * NR + lane, n = tile / per_image, r = tile % per_image;
+        const int oy = int(r / t.tw) * 2, ox = int(r % t.tw) * 2;
+        pos[lane] = OutPos{n * p.K * out_plane + int64_t(oy) * p.OW + ox, std::min(2, p.OH - oy),
+                           std::min(2, p.OW - ox)};
+      }
+      for (int k = k0; k < k1; ++k)
+        for (int64_t g = pair * 2; g < std::min(out_groups, pair * 2 + 2); ++g)
+          out_group(g, k, pos + (g - pair * 2) * 8);
+    };
+    par.run(k_blocks * out_pairs, out_task);
   }
 }
 
