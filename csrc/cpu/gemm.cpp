@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include <atomic>
 #include <string>
@@ -353,20 +354,20 @@ void run_gemm(const GemmParams& params, Parallel& par) {
         }
         // Row panels outer, column panels inner: an A micro-panel stays in L1 while the task's B
         // panels stream from L2, and C (and the residual) are walked in short sequential runs.
-        const int n_panels = int(ceil_div(nc, NR)), m_panels = int(ceil_div(msc, MR));
-        const int tiles = n_panels * m_panels;
-        for (int it = 0; it < tiles; ++it) {
-          const int jp = it % n_panels * NR, ip = it / n_panels * MR;
+        const int n_panels = int(ceil_div(nc, NR)), tile_count = n_panels * int(ceil_div(msc, MR));
+        auto corner = [n_panels](int it) { return std::pair<int, int>{it / n_panels * MR, it % n_panels * NR}; };
+        for (int it = 0; it < tile_count; ++it) {
+          const auto [ip, jp] = corner(it);
           const int cols = std::min(NR, nc - jp);
           const float* bp = bblk + int64_t(jp / NR) * bstride;
           const int rows = std::min(MR, msc - ip);
           const float* ap = ablk + int64_t(ip / MR) * astride;
           const int i0 = m1 + ip, j0 = n0 + jp;
           float* cp = cbase + int64_t(i0) * p.ldc + j0;
-          if (it + 1 < tiles) {
+          if (it + 1 < tile_count) {
             // The next tile's C rows and residual rows head for the cache while this tile's k
             // loop runs: in a network they are cold, and the tile's stores and epilogue would wait.
-            const int jn = (it + 1) % n_panels * NR, in = (it + 1) / n_panels * MR;
+            const auto [in, jn] = corner(it + 1);
             const int rn = std::min(MR, msc - in);
             const float* cn = cbase + int64_t(m1 + in) * p.ldc + n0 + jn;
             for (int r = 0; r < rn; ++r) __builtin_prefetch(cn + r * p.ldc, 1, 3);

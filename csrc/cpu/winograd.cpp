@@ -19,9 +19,6 @@ constexpr int XI = A6 * A6;  // 36 transformed positions
 // tiles floats) stay around this many floats, whatever the batch and image size.
 constexpr size_t kChunkFloats = size_t(1) << 20;
 constexpr int NR = kGemmNR;
-// Channels per transform task: enough consecutive stores per plane to stream, small enough
-// that the tasks of a chunk balance across threads.
-constexpr int kTransformChannels = 8;
 
 // Transforms of 8 tiles at once (one tile per SIMD lane). Lavin and Gray's F(4,3) matrices with
 // interpolation points 0, +-1, +-2:
@@ -213,7 +210,6 @@ size_t winograd_scratch_floats(const Conv2dParams& p, int threads) {
 
 void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
   const WinogradTiling t = winograd_tiling(p, 4, XI);
-  const int64_t per_image = t.per_image;
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   float* V = workspace;                                    // [36][tiles/16][C][16]
   float* M = workspace + size_t(XI) * p.C * t.chunk_padded;    // [36][K][tiles]
@@ -223,10 +219,8 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
     const int64_t padded = (tiles + NR - 1) / NR * NR;
     const int64_t groups = padded / 8;  // 8 tiles per SIMD group; the padding tiles are zeros
     const int64_t xi_stride = int64_t(p.C) * padded;
-    // 1. Input transform, 8 tiles per step, straight into packed-B panels. A task takes both
-    // 8-tile groups of a 16-tile panel for a run of channels, so its stores fill whole cache
-    // lines and advance sequentially through each of the 36 planes.
-    // Where each tile's 6x6 patch starts: fixed for all channels, so found once per task.
+    // 1. Input transform, 8 tiles per step, straight into packed-B panels (tasks: see
+    // run_transform_tasks). Where each tile's 6x6 patch starts:
     struct TilePos {
       const float* image;  // channel 0 of the tile's image
       int y0, x0;
@@ -267,26 +261,20 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
       float* out = V + padded * k0 + (g * 8 / NR) * int64_t(kc) * NR + int64_t(c - k0) * NR + (g * 8) % NR;
       for (int xi = 0; xi < XI; ++xi) _mm256_storeu_ps(out + xi * xi_stride, v[xi]);
     };
-    const int64_t c_blocks = (p.C + kTransformChannels - 1) / kTransformChannels;
-    auto in_task = [&](int64_t task, int) {
-      const int64_t panel = task / c_blocks;
-      const int c0 = int(task % c_blocks) * kTransformChannels, c1 = std::min(p.C, c0 + kTransformChannels);
-      TilePos pos[NR];
+    auto in_positions = [&](int64_t panel, TilePos* pos) {
       for (int lane = 0; lane < NR; ++lane) {
         const int64_t j = panel * NR + lane;
         if (j >= tiles) {
           pos[lane] = TilePos{nullptr, 0, 0, false};
           continue;
         }
-        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
-        const int y0 = int(r / t.tw) * 4 - p.PT, x0 = int(r % t.tw) * 4 - p.PL;
-        pos[lane] = TilePos{p.x + n * p.C * in_plane, y0, x0,
+        const TileOrigin o = tile_origin(t, t0 + j, 4);
+        const int y0 = o.y - p.PT, x0 = o.x - p.PL;
+        pos[lane] = TilePos{p.x + o.image * p.C * in_plane, y0, x0,
                             x0 >= 0 && x0 + 8 <= p.W && y0 >= 0 && y0 + A6 <= p.H};
       }
-      for (int c = c0; c < c1; ++c)
-        for (int64_t g = panel * 2; g < std::min(groups, panel * 2 + 2); ++g) in_group(g, c, pos + (g - panel * 2) * 8);
     };
-    par.run(c_blocks * (padded / NR), in_task);
+    run_transform_tasks<TilePos>(par, groups, p.C, in_positions, in_group);
     // 2. The 36 GEMMs.
     run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);  // the 36 GEMMs, V in packed-B panels
     // 3. Output transform, 8 tiles per step, with the epilogue.
@@ -332,25 +320,14 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
         }
       }
     };
-    // Like the input: both groups of 16 tiles for a run of output channels, so each of the 36
-    // loads per group reads on along the cache line the previous group began.
-    const int64_t k_blocks = (p.K + kTransformChannels - 1) / kTransformChannels;
-    const int64_t out_pairs = (out_groups + 1) / 2;
-    auto out_task = [&](int64_t task, int) {
-      const int64_t pair = task / k_blocks;
-      const int k0 = int(task % k_blocks) * kTransformChannels, k1 = std::min(p.K, k0 + kTransformChannels);
-      OutPos pos[NR];
-      for (int lane = 0; lane < NR && pair * NR + lane < tiles; ++lane) {
-        const int64_t tile = t0 + pair * NR + lane, n = tile / per_image, r = tile % per_image;
-        const int y0 = int(r / t.tw) * 4, x0 = int(r % t.tw) * 4;
-        pos[lane] = OutPos{n * p.K * out_plane + int64_t(y0) * p.OW + x0, std::min(4, p.OH - y0),
-                           std::min(4, p.OW - x0)};
+    auto out_positions = [&](int64_t panel, OutPos* pos) {
+      for (int lane = 0; lane < NR && panel * NR + lane < tiles; ++lane) {
+        const TileOrigin o = tile_origin(t, t0 + panel * NR + lane, 4);
+        pos[lane] = OutPos{o.image * p.K * out_plane + int64_t(o.y) * p.OW + o.x, std::min(4, p.OH - o.y),
+                           std::min(4, p.OW - o.x)};
       }
-      for (int k = k0; k < k1; ++k)
-        for (int64_t g = pair * 2; g < std::min(out_groups, pair * 2 + 2); ++g)
-          out_group(g, k, pos + (g - pair * 2) * 8);
     };
-    par.run(k_blocks * out_pairs, out_task);
+    run_transform_tasks<OutPos>(par, out_groups, p.K, out_positions, out_group);
   }
 }
 

@@ -4,6 +4,7 @@
 // are transformed back with the fused epilogue (bias, residual, activation).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -34,6 +35,37 @@ struct WinogradTiling {
   int64_t chunk_padded;   // chunk rounded up to whole GEMM panels: the workspace's tile capacity
 };
 WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int positions);
+// A tile's image and the top-left corner of its output block (tile = index over the batch).
+struct TileOrigin {
+  int64_t image;
+  int y, x;
+};
+inline TileOrigin tile_origin(const WinogradTiling& t, int64_t tile, int out_tile) {
+  const int64_t r = tile % t.per_image;
+  return {tile / t.per_image, int(r / t.tw) * out_tile, int(r % t.tw) * out_tile};
+}
+
+// How both tile sizes split their input and output transforms into tasks. A transform step takes
+// 8 tiles (one per SIMD lane) of one channel; a task takes the two 8-tile groups of one 16-tile
+// GEMM panel for a run of channels, so its stores (or loads) cover whole cache lines and move
+// forward through each transformed plane. fill(panel, pos) describes the panel's 16 tiles once,
+// since their positions are the same for every channel; step(group, channel, pos_of_group) runs.
+constexpr int kWinogradChannelRun = 8;
+template <class Pos, class Fill, class Step>
+void run_transform_tasks(Parallel& par, int64_t groups, int channels, Fill&& fill, Step&& step) {
+  const int64_t runs = (channels + kWinogradChannelRun - 1) / kWinogradChannelRun;
+  auto task = [&](int64_t t, int) {
+    const int64_t panel = t / runs;
+    const int c0 = int(t % runs) * kWinogradChannelRun;
+    const int c1 = std::min(channels, c0 + kWinogradChannelRun);
+    Pos pos[2 * 8];
+    fill(panel, pos);
+    for (int c = c0; c < c1; ++c)
+      for (int64_t g = panel * 2; g < std::min(groups, panel * 2 + 2); ++g) step(g, c, pos + (g - panel * 2) * 8);
+  };
+  par.run(runs * ((groups + 1) / 2), task);
+}
+
 // The chunk's batched GEMMs M[xi] (K x tiles) = U[xi] (K x C) * V[xi] (C x tiles).
 GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t tiles, const float* v, float* m);
 size_t winograd_workspace_floats_for(const Conv2dParams& p, int out_tile, int positions);

@@ -17,7 +17,6 @@ namespace {
 constexpr int A4 = 4;          // transformed tile side (2 + 3 - 1)
 constexpr int XI = A4 * A4;    // 16 transformed positions
 constexpr int NR = kGemmNR;
-constexpr int kChannelRun = 8;  // channels per transform task, as in the F(4x4) path
 
 // B^T d for one column (d0..d3) of 8 tiles: B^T rows [1 0 -1 0] [0 1 1 0] [0 -1 1 0] [0 1 0 -1].
 inline void bt4(const __m256 d[4], __m256 o[4]) {
@@ -61,7 +60,6 @@ size_t winograd2_scratch_floats(const Conv2dParams& p, int threads) {
 
 void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par) {
   const WinogradTiling t = winograd_tiling(p, 2, XI);
-  const int64_t per_image = t.per_image;
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   float* V = workspace;                                  // [16][tiles/16][C][16] (packed B)
   float* M = workspace + size_t(XI) * p.C * t.chunk_padded;  // [16][K][tiles]
@@ -71,9 +69,8 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
     const int64_t padded = (tiles + NR - 1) / NR * NR;
     const int64_t groups = padded / 8;
     const int64_t xi_stride = int64_t(p.C) * padded;
-    // 1. Input transform, 8 tiles per step, written into packed-B panels. A task takes the 16
-    //    tiles of a panel for a run of channels (whole cache lines per store pair), with the
-    //    tiles' positions found once; each patch row is one masked load (zeros outside).
+    // 1. Input transform, 8 tiles per step, written into packed-B panels (tasks: see
+    //    run_transform_tasks); each patch row is one masked load (zeros outside).
     struct TilePos {
       const float* image;  // channel 0 of the tile's image; null past the last tile
       int y0;
@@ -109,31 +106,23 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
       float* out = V + padded * k0 + (g * 8 / NR) * int64_t(kc) * NR + int64_t(c - k0) * NR + (g * 8) % NR;
       for (int xi = 0; xi < XI; ++xi) _mm256_storeu_ps(out + xi * xi_stride, v[xi]);
     };
-    const int64_t c_blocks = (p.C + kChannelRun - 1) / kChannelRun;
-    auto in_task = [&](int64_t task, int) {
-      const int64_t panel = task / c_blocks;
-      const int c0 = int(task % c_blocks) * kChannelRun, c1 = std::min(p.C, c0 + kChannelRun);
-      TilePos pos[NR];
+    auto in_positions = [&](int64_t panel, TilePos* pos) {
       for (int lane = 0; lane < NR; ++lane) {
         const int64_t j = panel * NR + lane;
         if (j >= tiles) {
           pos[lane] = TilePos{nullptr, 0, _mm_setzero_si128(), 0};
           continue;
         }
-        const int64_t tile = t0 + j, n = tile / per_image, r = tile % per_image;
-        const int y0 = int(r / t.tw) * 2 - p.PT, x0 = int(r % t.tw) * 2 - p.PL;
+        const TileOrigin o = tile_origin(t, t0 + j, 2);
+        const int y0 = o.y - p.PT, x0 = o.x - p.PL;
         const __m128i cols = _mm256_castsi256_si128(simd::range_mask(std::max(0, -x0), std::min(A4, p.W - x0)));
-        pos[lane] = TilePos{p.x + n * p.C * in_plane, y0, cols, x0};
+        pos[lane] = TilePos{p.x + o.image * p.C * in_plane, y0, cols, x0};
       }
-      for (int c = c0; c < c1; ++c)
-        for (int64_t g = panel * 2; g < std::min(groups, panel * 2 + 2); ++g)
-          in_group(g, c, pos + (g - panel * 2) * 8);
     };
-    par.run(c_blocks * (padded / NR), in_task);
+    run_transform_tasks<TilePos>(par, groups, p.C, in_positions, in_group);
     // 2. The 16 GEMMs.
     run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);
-    // 3. Output transform with the epilogue: 8 tiles of one output channel per step, the
-    //    16 tiles of a panel for a run of channels per task.
+    // 3. Output transform with the epilogue: 8 tiles of one output channel per step.
     const int64_t out_groups = (tiles + 7) / 8;
     struct OutPos {
       int64_t offset;  // of the 2x2 block's first element in channel 0 of its image
@@ -178,23 +167,14 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
           }
       }
     };
-    const int64_t k_blocks = (p.K + kChannelRun - 1) / kChannelRun;
-    const int64_t out_pairs = (out_groups + 1) / 2;
-    auto out_task = [&](int64_t task, int) {
-      const int64_t pair = task / k_blocks;
-      const int k0 = int(task % k_blocks) * kChannelRun, k1 = std::min(p.K, k0 + kChannelRun);
-      OutPos pos[NR];
-      for (int lane = 0; lane < NR && pair * NR + lane < tiles; ++lane) {
-        const int64_t tile = t0 + pair * NR + lane, n = tile / per_image, r = tile % per_image;
-        const int oy = int(r / t.tw) * 2, ox = int(r % t.tw) * 2;
-        pos[lane] = OutPos{n * p.K * out_plane + int64_t(oy) * p.OW + ox, std::min(2, p.OH - oy),
-                           std::min(2, p.OW - ox)};
+    auto out_positions = [&](int64_t panel, OutPos* pos) {
+      for (int lane = 0; lane < NR && panel * NR + lane < tiles; ++lane) {
+        const TileOrigin o = tile_origin(t, t0 + panel * NR + lane, 2);
+        pos[lane] = OutPos{o.image * p.K * out_plane + int64_t(o.y) * p.OW + o.x, std::min(2, p.OH - o.y),
+                           std::min(2, p.OW - o.x)};
       }
-      for (int k = k0; k < k1; ++k)
-        for (int64_t g = pair * 2; g < std::min(out_groups, pair * 2 + 2); ++g)
-          out_group(g, k, pos + (g - pair * 2) * 8);
     };
-    par.run(k_blocks * out_pairs, out_task);
+    run_transform_tasks<OutPos>(par, out_groups, p.K, out_positions, out_group);
   }
 }
 
