@@ -316,7 +316,6 @@ void mih_detail::scan_rest_scalar(const uint8_t* rest, int64_t count, int stride
   }
 }
 
-
 size_t MihTables::memory_bytes() const {
   size_t bytes = 0;
   for (const auto& tb : tables)

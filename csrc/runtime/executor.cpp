@@ -2,7 +2,6 @@
 #include "runtime/step.h"
 
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -10,9 +9,9 @@
 #include <stdexcept>
 
 #include "cpu/conv.h"
-#include "cpu/huge_pages.h"
 #include "cpu/direct_conv.h"
 #include "cpu/gemm.h"
+#include "cpu/huge_pages.h"
 #include "cpu/ops.h"
 #include "cpu/winograd.h"
 
@@ -426,7 +425,7 @@ KernelRegistrar::KernelRegistrar(const char* name, Builder builder) {
     throw std::logic_error(std::string("kernel '") + name + "' registered twice");
 }
 
-void Executor::AlignedFree::operator()(char* p) const { std::free(p); }
+void Executor::HugePageFree::operator()(char* p) const { cpu::huge_page_free(p); }
 
 std::vector<std::string> kernel_names() {
   std::vector<std::string> out;

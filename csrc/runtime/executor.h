@@ -66,13 +66,13 @@ class Executor {
   void run_steps(std::vector<int64_t>* times_ns = nullptr);
 
  private:
-  struct AlignedFree {
+  struct HugePageFree {
     void operator()(char* p) const;
   };
   std::shared_ptr<ThreadPool> pool_;
   int64_t arena_bytes_;
-  std::unique_ptr<char, AlignedFree> arena_;
-  std::unique_ptr<char, AlignedFree> workspace_;
+  std::unique_ptr<char, HugePageFree> arena_;
+  std::unique_ptr<char, HugePageFree> workspace_;
   std::vector<ConstantData> constants_;
   std::vector<std::unique_ptr<Step>> steps_;
   std::vector<TensorRef> inputs_, outputs_;

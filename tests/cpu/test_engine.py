@@ -53,7 +53,6 @@ def test_block_is_fused_to_two_convs() -> None:
     assert "+residual +relu" in text and "arena" in text
 
 
-
 def test_summary_describes_the_plan_that_ran(monkeypatch) -> None:
     engine = cbir_engine.load(resnet_block_model().SerializeToString())
     engine(rand(2, 8, 6, 6))
@@ -67,6 +66,7 @@ def test_summary_describes_the_plan_that_ran(monkeypatch) -> None:
     assert engine.memory({"x": (2, 8, 6, 6)})["arena_bytes"] > 0
     with pytest.raises(AssertionError, match="re-planned"):
         engine.summary({"x": (3, 8, 6, 6)})  # shapes never run still get a plan of their own
+
 
 def test_sum_op_of_old_model_zoos() -> None:
     x = rand(2, 3)
