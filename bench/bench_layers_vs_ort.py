@@ -4,6 +4,11 @@ ONNX Runtime names each profiled node after its output (with an "_nchwc" suffix 
 path); layers are matched on that output name, or on the conv's node name when the residual Add
 is fused on both sides. Medians over the runs, milliseconds.
 
+ONNX Runtime's profiler adds time to every node, so its per-layer sum overstates its speed
+loss; the whole-run medians of an unprofiled session and of our engine (interleaved with the
+rest) are printed too, with a bound: our time if every GEMM and direct conv ran at the measured
+FMA peak (Winograd and non-conv steps as measured), against ONNX Runtime's whole run.
+
     python bench/bench_layers_vs_ort.py [--model inception_v3] [--threads 1] [--runs 9] [--batch 8]
 """
 
@@ -49,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
     sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    plain_opts = ort.SessionOptions()
+    plain_opts.intra_op_num_threads = args.threads
+    plain = ort.InferenceSession(model, plain_opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x}
     engine = cbir_engine.load(model, threads=args.threads)
     engine(x)
@@ -57,12 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     # after an idle gap: ONNX Runtime's pool threads keep spinning after a run and would take the
     # cores from the next one (without the gap our GoogLeNet ran 3x slower).
     sess.run(None, feed)
-    runs = []
+    plain.run(None, feed)
+    runs, ort_whole, ours_whole = [], [], []
     for _ in range(args.runs):
         time.sleep(args.gap_ms / 1e3)
         sess.run(None, feed)
         time.sleep(args.gap_ms / 1e3)
         runs.append(ex.profile([x])[1])
+        time.sleep(args.gap_ms / 1e3)
+        t0 = time.perf_counter()
+        plain.run(None, feed)
+        ort_whole.append(time.perf_counter() - t0)
+        time.sleep(args.gap_ms / 1e3)
+        t0 = time.perf_counter()
+        engine(x)
+        ours_whole.append(time.perf_counter() - t0)
     ours_ms = [statistics.median(v) / 1e6 for v in zip(*runs, strict=True)]
     per_node: dict[str, list[float]] = collections.defaultdict(list)
     with open(sess.end_profiling()) as f:
@@ -100,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'our kernel':<34}{'layers':>7}{'ours ms':>10}{'ORT ms':>10}{'ours/ORT':>10}")
     for label, (o, r, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         print(f"{label:<34}{n:>7}{o:>10.2f}{r:>10.2f}{o / r:>10.2f}")
+    # One core's FMA peak (best of 3) times the threads, as in bench_models.py.
+    peak = args.threads * max(cbir_engine._C.measure_fma_gflops(1, 0.3) for _ in range(3))
+    bound = sum(ms if "winograd" in step.label or not step.flops else min(ms, step.flops / peak / 1e6)
+                for step, ms in zip(plan.steps, ours_ms, strict=True))
+    ort_ms_whole = statistics.median(ort_whole) * 1e3
+    print(f"whole runs: ours {statistics.median(ours_whole) * 1e3:.1f} ms, ONNX Runtime (unprofiled) "
+          f"{ort_ms_whole:.1f} ms; at the FMA peak ({peak:.0f} GFLOP/s) on every GEMM and direct conv, "
+          f"ours would be {bound:.1f} ms = {bound / ort_ms_whole:.2f}x ONNX Runtime")
     if args.per_layer:
         rows = []
         for name, ms in ort_ms.items():
