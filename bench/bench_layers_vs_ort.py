@@ -4,10 +4,10 @@ ONNX Runtime names each profiled node after its output (with an "_nchwc" suffix 
 path); layers are matched on that output name, or on the conv's node name when the residual Add
 is fused on both sides. Medians over the runs, milliseconds.
 
-ONNX Runtime's profiler adds time to every node, so its per-layer sum overstates its speed
-loss; the whole-run medians of an unprofiled session and of our engine (interleaved with the
-rest) are printed too, with a bound: our time if every GEMM and direct conv ran at the measured
-FMA peak (Winograd and non-conv steps as measured), against ONNX Runtime's whole run.
+ONNX Runtime's per-layer times come from its profiler, so the whole-run medians of an unprofiled
+session and of our engine (interleaved with the rest) are printed too, as the times that count,
+with a bound: our time if every GEMM and direct conv ran at the measured FMA peak (Winograd and
+non-conv steps as measured), against ONNX Runtime's whole run.
 
     python bench/bench_layers_vs_ort.py [--model inception_v3] [--threads 1] [--runs 9] [--batch 8]
 """

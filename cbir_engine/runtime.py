@@ -186,9 +186,13 @@ class Engine:
             self._packed[key] = make()
         return self._packed[key]
 
+    def _plan_key(self, shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+        """The key of the plan cache: the input shapes in the graph's input order."""
+        return tuple(tuple(int(d) for d in shapes[n]) for n in self.graph.inputs)
+
     def _specialised(self, arrays: Mapping[str, np.ndarray]) -> tuple[Plan, Any]:
         self._check_shapes(arrays)
-        key = tuple(arrays[n].shape for n in self.graph.inputs)
+        key = self._plan_key({n: arrays[n].shape for n in self.graph.inputs})
         with self._lock:
             hit = self._plans.get(key)
             if hit is None:
@@ -255,9 +259,8 @@ class Engine:
     def _plan_of(self, input_shapes: Mapping[str, Sequence[int]] | None) -> Plan:
         """The plan that runs for these shapes: the one already specialised, else a new one."""
         shapes = input_shapes or self._default_shapes()
-        key = tuple(tuple(int(d) for d in shapes[n]) for n in self.graph.inputs)
         with self._lock:
-            hit = self._plans.get(key)
+            hit = self._plans.get(self._plan_key(shapes))
         return hit[0] if hit is not None else self.plan_for(shapes)
 
     def summary(self, input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:

@@ -279,12 +279,7 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
     run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);  // the 36 GEMMs, V in packed-B panels
     // 3. Output transform, 8 tiles per step, with the epilogue.
     const int64_t out_groups = (tiles + 7) / 8;
-    // Where each tile's 4x4 output block lands: fixed for all output channels.
-    struct OutPos {
-      int64_t offset;  // of the block's first element in channel 0 of its image
-      int rows, cols;  // inside the output (partial blocks at the bottom and right edges)
-    };
-    auto out_group = [&](int64_t g, int k, const OutPos* pos) {
+    auto out_group = [&](int64_t g, int k, const WinogradOutPos* pos) {
       const int lanes = int(std::min<int64_t>(8, tiles - g * 8));
       const float* src = M + int64_t(k) * tiles + g * 8;
       V8 m[XI];
@@ -300,7 +295,7 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
       __m128 rows[4][8];
       for (int i = 0; i < 4; ++i) transpose4x8(yv[i], rows[i]);
       for (int lane = 0; lane < lanes; ++lane) {
-        const OutPos& op = pos[lane];
+        const WinogradOutPos& op = pos[lane];
         float* out = p.y + op.offset + int64_t(k) * out_plane;
         const float* res = p.residual ? p.residual + op.offset + int64_t(k) * out_plane : nullptr;
         const int cols = op.cols;
@@ -320,14 +315,10 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
         }
       }
     };
-    auto out_positions = [&](int64_t panel, OutPos* pos) {
-      for (int lane = 0; lane < NR && panel * NR + lane < tiles; ++lane) {
-        const TileOrigin o = tile_origin(t, t0 + panel * NR + lane, 4);
-        pos[lane] = OutPos{o.image * p.K * out_plane + int64_t(o.y) * p.OW + o.x, std::min(4, p.OH - o.y),
-                           std::min(4, p.OW - o.x)};
-      }
+    auto out_positions = [&](int64_t panel, WinogradOutPos* pos) {
+      winograd_out_positions(t, p, 4, t0, tiles, panel, pos);
     };
-    run_transform_tasks<OutPos>(par, out_groups, p.K, out_positions, out_group);
+    run_transform_tasks<WinogradOutPos>(par, out_groups, p.K, out_positions, out_group);
   }
 }
 

@@ -45,6 +45,23 @@ inline TileOrigin tile_origin(const WinogradTiling& t, int64_t tile, int out_til
   return {tile / t.per_image, int(r / t.tw) * out_tile, int(r % t.tw) * out_tile};
 }
 
+// Where a tile's output block lands, the same for every output channel.
+struct WinogradOutPos {
+  int64_t offset;  // of the block's first element in channel 0 of its image
+  int rows, cols;  // inside the output (partial blocks at the bottom and right edges)
+};
+// The output positions of the tiles of one 16-tile panel (of the chunk starting at tile t0 with
+// `tiles` tiles); entries past the chunk's last tile are left untouched.
+inline void winograd_out_positions(const WinogradTiling& t, const Conv2dParams& p, int out_tile, int64_t t0,
+                                   int64_t tiles, int64_t panel, WinogradOutPos* pos) {
+  const int64_t out_plane = int64_t(p.OH) * p.OW;
+  for (int lane = 0; lane < kGemmNR && panel * kGemmNR + lane < tiles; ++lane) {
+    const TileOrigin o = tile_origin(t, t0 + panel * kGemmNR + lane, out_tile);
+    pos[lane] = WinogradOutPos{o.image * p.K * out_plane + int64_t(o.y) * p.OW + o.x,
+                               std::min(out_tile, p.OH - o.y), std::min(out_tile, p.OW - o.x)};
+  }
+}
+
 // How both tile sizes split their input and output transforms into tasks. A transform step takes
 // 8 tiles (one per SIMD lane) of one channel; a task takes the two 8-tile groups of one 16-tile
 // GEMM panel for a run of channels, so its stores (or loads) cover whole cache lines and move

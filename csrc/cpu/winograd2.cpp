@@ -124,11 +124,7 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
     run_gemm(winograd_chunk_gemm(p, XI, tiles, V, M), par);
     // 3. Output transform with the epilogue: 8 tiles of one output channel per step.
     const int64_t out_groups = (tiles + 7) / 8;
-    struct OutPos {
-      int64_t offset;  // of the 2x2 block's first element in channel 0 of its image
-      int rows, cols;
-    };
-    auto out_group = [&](int64_t g, int k, const OutPos* pos) {
+    auto out_group = [&](int64_t g, int k, const WinogradOutPos* pos) {
       const int lanes = int(std::min<int64_t>(8, tiles - g * 8));
       const float* src = M + int64_t(k) * tiles + g * 8;
       alignas(32) float buf[8];
@@ -155,7 +151,7 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
         for (int j = 0; j < 2; ++j) _mm256_store_ps(yv[i][j], y[i][j]);
       const float bias = p.bias ? p.bias[k] : 0.0f;
       for (int lane = 0; lane < lanes; ++lane) {
-        const OutPos& op = pos[lane];
+        const WinogradOutPos& op = pos[lane];
         float* out = p.y + op.offset + int64_t(k) * out_plane;
         const float* res = p.residual ? p.residual + op.offset + int64_t(k) * out_plane : nullptr;
         for (int i = 0; i < op.rows; ++i)
@@ -167,14 +163,10 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
           }
       }
     };
-    auto out_positions = [&](int64_t panel, OutPos* pos) {
-      for (int lane = 0; lane < NR && panel * NR + lane < tiles; ++lane) {
-        const TileOrigin o = tile_origin(t, t0 + panel * NR + lane, 2);
-        pos[lane] = OutPos{o.image * p.K * out_plane + int64_t(o.y) * p.OW + o.x, std::min(2, p.OH - o.y),
-                           std::min(2, p.OW - o.x)};
-      }
+    auto out_positions = [&](int64_t panel, WinogradOutPos* pos) {
+      winograd_out_positions(t, p, 2, t0, tiles, panel, pos);
     };
-    run_transform_tasks<OutPos>(par, out_groups, p.K, out_positions, out_group);
+    run_transform_tasks<WinogradOutPos>(par, out_groups, p.K, out_positions, out_group);
   }
 }
 

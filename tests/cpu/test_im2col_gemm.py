@@ -1,7 +1,6 @@
-"""Convs forced onto the im2col GEMM path, against the ONNX reference: the packer's panels of 16
-output pixels cross output rows (small images), run into the padding (both sides, padding wider
-use stride 1, 2 (vector paths) and 3 (element path), dilation and
-asymmetric padding."""
+"""Convs forced onto the im2col GEMM path, against the ONNX reference: panels of 16 output
+pixels that cross output rows (small images), padding on both sides and padding wider than the
+kernel reaches, stride 1, 2 and 3, dilation, asymmetric padding and a batch of 2."""
 
 from __future__ import annotations
 

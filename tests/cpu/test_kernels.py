@@ -385,7 +385,6 @@ def test_thread_counts_agree(threads: int) -> None:
           threads=threads)
 
 
-
 def test_pool_jobs_after_idle_gaps_and_back_to_back() -> None:
     """Workers that wake late (after a gap, when they went to sleep) must neither be waited for
     nor run a task of a job that has ended: many short jobs with gaps of 0-3 ms in between, every
@@ -409,6 +408,7 @@ def test_pool_jobs_after_idle_gaps_and_back_to_back() -> None:
         if i % 3:
             time.sleep(float(gap))
         np.testing.assert_array_equal(two(x), one(x))
+
 
 WINOGRAD_CASES = [
     # (N, C, H, W, K, pads): partial 4x4 tiles, no padding, several chunks of tiles
