@@ -49,9 +49,10 @@ class HammingIndex:
         bits: code length, a positive multiple of 8.
         method: "flat" scans every code (SIMD popcount, counting top-k); "mih" uses multi-index
             hashing (exact, same results as "flat"; fast for short codes and large databases,
-            costs memory for its tables: about substrings * n * (b + 4) bytes, where b is
-            ceil((bits - bits / substrings) / 8) for codes of at most 64 bits (each table keeps
-            the codes without its own substring) and 8 * ceil(bits / 64) for longer ones);
+            costs memory for its tables: about substrings * n * (b + 4) bytes, where for codes
+            of at most 64 bits b is 4 + ceil(max(0, r - 32) / 8) with r = bits - bits /
+            substrings (each table keeps the codes without its own substring) and for longer
+            ones 8 * ceil(bits / 64));
             "auto" uses multi-index hashing where it measured faster (codes of at most 64 bits,
             at least 4M of them, k <= 256; tables built on the first such search) and the flat
             scan otherwise.

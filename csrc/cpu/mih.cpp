@@ -65,11 +65,6 @@ inline uint64_t code_from_rest(uint64_t rest, uint32_t sub, int first_bit, int b
   const uint64_t above = top >= 64 ? 0 : (rest >> first_bit) << top;
   return (rest & low_bits(first_bit)) | (uint64_t(sub) << first_bit) | above;
 }
-inline uint64_t load_rest(const uint8_t* p, int bytes) {
-  uint64_t v = 0;
-  std::memcpy(&v, p, size_t(bytes));
-  return v;
-}
 
 inline int32_t distance(const uint64_t* a, const uint64_t* b, int words) {
   int32_t d = 0;
@@ -77,11 +72,30 @@ inline int32_t distance(const uint64_t* a, const uint64_t* b, int words) {
   return d;
 }
 
-constexpr int kPosBits = 40;
+// A result key: distance in the high bits, below it a database position or, while searching,
+// where the code was met (table << 32 | entry in that table's bucket order). Positions are looked
+// up only for the codes kept in the end: each lookup is a cache miss, and most codes met within
+// the running bound fall out of the top k later.
+constexpr int kPosBits = 44;
 constexpr uint64_t kPosMask = (uint64_t(1) << kPosBits) - 1;
 inline uint64_t pack_key(int32_t d, int64_t pos) { return (uint64_t(uint32_t(d)) << kPosBits) | uint64_t(pos); }
 inline int32_t key_distance(uint64_t key) { return int32_t(key >> kPosBits); }
 inline int64_t key_pos(uint64_t key) { return int64_t(key & kPosMask); }
+inline int64_t met_at(int table, uint32_t entry) { return int64_t(table) << 32 | int64_t(entry); }
+
+// Replaces the met_at part of each key by the database position.
+void resolve_positions(const MihTables& t, uint64_t* keys, int64_t count) {
+  auto position = [&](uint64_t key) -> const uint32_t* {
+    const int64_t at = key_pos(key);
+    return t.tables[size_t(at >> 32)].positions.data() + (at & 0xffffffff);
+  };
+  constexpr int64_t kAhead = 16;  // lookups in flight
+  for (int64_t i = 0; i < std::min(count, kAhead); ++i) __builtin_prefetch(position(keys[i]));
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + kAhead < count) __builtin_prefetch(position(keys[i + kAhead]));
+    keys[i] = pack_key(key_distance(keys[i]), int64_t(*position(keys[i])));
+  }
+}
 
 struct Labels {
   const int64_t* ids = nullptr;
@@ -148,18 +162,21 @@ struct Probe {
   const MihTables* t = nullptr;
   std::vector<uint64_t> q;      // query words
   std::vector<uint32_t> q_sub;  // query substrings
-  std::vector<uint64_t> q_rest;  // the query without each table's substring (packed tables)
+  std::vector<uint32_t> q_head, q_tail;  // the query's rest per split table (see MihTables)
   MihStats stats;
 
   void set_query(const uint8_t* code) {
     q.resize(size_t(t->words));
     code_to_words(code, t->code_bytes, t->words, q.data());
     q_sub.resize(t->tables.size());
-    q_rest.resize(t->tables.size());
+    q_head.resize(t->tables.size());
+    q_tail.resize(t->tables.size());
     for (size_t i = 0; i < t->tables.size(); ++i) {
       const auto& tb = t->tables[i];
       q_sub[i] = substring_of(q.data(), tb.first_bit, tb.bits);
-      q_rest[i] = tb.rest_bytes ? rest_of(q[0], tb.first_bit, tb.bits) : 0;
+      const uint64_t rest = tb.split ? rest_of(q[0], tb.first_bit, tb.bits) : 0;
+      q_head[i] = uint32_t(rest);
+      q_tail[i] = uint32_t(rest >> 32);
     }
   }
 
@@ -177,7 +194,7 @@ struct Probe {
     return true;
   }
 
-  // Probes table `table` at substring distance exactly `radius`, calling hit(distance, position)
+  // Probes table `table` at substring distance exactly `radius`, calling hit(distance, met_at(table, entry))
   // for each code met here for the first time whose full distance is at most *bound (re-read
   // after every hit: hit may lower it). Only the buckets of rank [first_mask, end_mask) among
   // the radius-`radius` neighbours of the query's substring are probed (threads sharing a query
@@ -198,16 +215,15 @@ struct Probe {
         auto* x = static_cast<Context*>(c);
         const uint32_t e = x->first + uint32_t(entry);
         const uint64_t* code = x->tb->codes.data() + size_t(e) * size_t(x->self->t->words);
-        if (x->self->first_met_here(code, x->radius, x->table)) (*x->hit)(d, int64_t(x->tb->positions[e]));
+        if (x->self->first_met_here(code, x->radius, x->table)) (*x->hit)(d, met_at(x->table, e));
       }
-      static void on_rest_hit(void* c, int64_t entry, int32_t d) {
+      static void on_split_hit(void* c, int64_t entry, int32_t d) {
         auto* x = static_cast<Context*>(c);
         const uint32_t e = x->first + uint32_t(entry);
-        const int rb = x->tb->rest_bytes;
-        const uint64_t code =
-            code_from_rest(load_rest(x->tb->rest.data() + size_t(e) * size_t(rb), rb), x->key, x->tb->first_bit,
-                           x->tb->bits);
-        if (x->self->first_met_here(&code, x->radius, x->table)) (*x->hit)(d, int64_t(x->tb->positions[e]));
+        const uint64_t rest =
+            x->tb->head[e] | uint64_t(mih_detail::load_tail(x->tb->tail.data(), x->tb->tail_bytes, e)) << 32;
+        const uint64_t code = code_from_rest(rest, x->key, x->tb->first_bit, x->tb->bits);
+        if (x->self->first_met_here(&code, x->radius, x->table)) (*x->hit)(d, met_at(x->table, e));
       }
     } ctx{this, &tb, 0, 0, table, radius, &hit};
     // Buckets are taken in blocks: first every key of the block (its offsets prefetched), then
@@ -219,10 +235,20 @@ struct Probe {
     constexpr int kBlock = 256, kLinesAhead = 64;
     uint32_t keys[kBlock], begin[kBlock], end[kBlock];
     const uint64_t* codes = tb.codes.data();
-    const bool packed = tb.rest_bytes > 0;
-    const size_t code_bytes = packed ? size_t(tb.rest_bytes) : size_t(words) * 8;
-    const char* base = packed ? reinterpret_cast<const char*>(tb.rest.data()) : reinterpret_cast<const char*>(codes);
-    const uint64_t q_rest_here = q_rest[size_t(table)];
+    // Split tables: only the heads are prefetched; tails are read for the few codes that the
+    // heads do not rule out.
+    const size_t code_bytes = tb.split ? sizeof(uint32_t) : size_t(words) * 8;
+    const char* base = tb.split ? reinterpret_cast<const char*>(tb.head.data()) : reinterpret_cast<const char*>(codes);
+    // Every code met here is exactly `radius` bits off the query on this table's substring, and
+    // (if met here first) at least `radius` or radius + 1 off on each substring in its tail.
+    const int32_t floor = radius + tb.tail_substrings_before * (radius + 1) + tb.tail_substrings_after * radius;
+    const uint32_t q_head_here = q_head[size_t(table)], q_tail_here = q_tail[size_t(table)];
+    const uint8_t* tails = tb.tail.data();
+    // Survivors of the head bound in this block: entries and head popcounts, and per bucket the
+    // end of its run. Their tails are prefetched when found and read after the block's scans, so
+    // the tail misses overlap instead of stalling the scan one by one.
+    size_t survivors = 0;
+    uint32_t survivors_end[kBlock];
     for (uint64_t rank = first_mask; rank < end_mask;) {
       const int count = int(std::min<uint64_t>(kBlock, end_mask - rank));
       int e = 0;
@@ -252,18 +278,40 @@ struct Probe {
       prefetch_lines(kLinesAhead);
       for (int j = 0; j < count; ++j) {
         const uint32_t first = begin[j], last = end[j];
+        survivors_end[j] = uint32_t(survivors);
         if (first == last) continue;
         prefetch_lines(int64_t((size_t(last) * code_bytes + 63) / 64 - size_t(first) * code_bytes / 64));
         stats.candidates += last - first;
         ctx.first = first;
-        if (packed) {
-          // Every code here is exactly `radius` bits off the query on this table's substring.
-          ctx.key = keys[j];
-          scan_rest(tb.rest.data() + size_t(first) * code_bytes, int64_t(last - first), tb.rest_bytes, q_rest_here,
-                    radius, bound, &Context::on_rest_hit, &ctx);
+        if (tb.split) {
+          const size_t room = survivors + (last - first) + 16;
+          if (survivor_entries.size() < room) {
+            survivor_entries.resize(std::max(room, 2 * survivor_entries.size()));
+            survivor_ones.resize(survivor_entries.size());
+          }
+          const int64_t got = split_survivors(tb.head.data() + first, int64_t(last - first), q_head_here, floor,
+                                              *bound, first, survivor_entries.data() + survivors,
+                                              survivor_ones.data() + survivors);
+          for (int64_t g = 0; g < got && tb.tail_bytes; ++g)
+            __builtin_prefetch(tails + size_t(survivor_entries[survivors + size_t(g)]) * size_t(tb.tail_bytes));
+          survivors += size_t(got);
+          survivors_end[j] = uint32_t(survivors);
         } else {
           scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
                       &Context::on_hit, &ctx);
+        }
+      }
+      if (tb.split) {
+        ctx.first = 0;
+        size_t next = 0;
+        for (int j = 0; j < count; ++j) {
+          ctx.key = keys[j];
+          for (; next < survivors_end[j]; ++next) {
+            const uint32_t entry = survivor_entries[next];
+            const int32_t d = radius + int32_t(survivor_ones[next]) +
+                              __builtin_popcount(mih_detail::load_tail(tails, tb.tail_bytes, entry) ^ q_tail_here);
+            if (d <= *bound) Context::on_split_hit(&ctx, entry, d);
+          }
         }
       }
       stats.buckets += count;
@@ -279,13 +327,14 @@ struct Probe {
                                                  : &mih_detail::scan_bucket_avx512;
   }
 
-  using ScanRest = void (*)(const uint8_t*, int64_t, int, uint64_t, int32_t, const int32_t*, mih_detail::BucketHit,
-                            void*);
-  ScanRest scan_rest = pick_scan_rest();
+  using SplitSurvivors = int64_t (*)(const uint32_t*, int64_t, uint32_t, int32_t, int32_t, uint32_t, uint32_t*,
+                                     uint32_t*);
+  SplitSurvivors split_survivors = pick_split_survivors();
+  std::vector<uint32_t> survivor_entries, survivor_ones;
 
-  static ScanRest pick_scan_rest() {
-    return std::string(hamming_isa()) != "avx2" && mih_detail::cpu_has_avx512_vbmi() ? &mih_detail::scan_rest_avx512
-                                                                                     : &mih_detail::scan_rest_scalar;
+  static SplitSurvivors pick_split_survivors() {
+    return std::string(hamming_isa()) == "avx2" ? &mih_detail::split_survivors_scalar
+                                                : &mih_detail::split_survivors_avx512;
   }
 };
 
@@ -305,21 +354,24 @@ void mih_detail::scan_bucket_scalar(const uint64_t* codes, int64_t count, const 
   }
 }
 
-void mih_detail::scan_rest_scalar(const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base,
-                                  const int32_t* bound, BucketHit hit, void* ctx) {
-  const uint64_t keep = low_bits(8 * stride);
+int64_t mih_detail::split_survivors_scalar(const uint32_t* head, int64_t count, uint32_t q_head, int32_t floor,
+                                           int32_t bound, uint32_t first, uint32_t* out_entries,
+                                           uint32_t* out_ones) {
+  int64_t found = 0;
   for (int64_t i = 0; i < count; ++i) {
-    uint64_t v;
-    std::memcpy(&v, rest + i * stride, 8);  // the padding after the last remainder makes this safe
-    const int32_t d = base + __builtin_popcountll((v & keep) ^ q_rest);
-    if (d <= *bound) hit(ctx, i, d);
+    const int32_t ones = __builtin_popcount(head[i] ^ q_head);
+    if (floor + ones > bound) continue;
+    out_entries[found] = first + uint32_t(i);
+    out_ones[found++] = uint32_t(ones);
   }
+  return found;
 }
 
 size_t MihTables::memory_bytes() const {
   size_t bytes = 0;
   for (const auto& tb : tables)
-    bytes += tb.offsets.size() * 4 + tb.positions.size() * 4 + tb.codes.size() * 8 + tb.rest.size();
+    bytes += tb.offsets.size() * 4 + tb.positions.size() * 4 + tb.codes.size() * 8 + tb.head.size() * 4 +
+             tb.tail.size();
   return bytes;
 }
 
@@ -339,6 +391,8 @@ std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par)
   const int bits = p.code_bytes * 8;
   const int m = p.substrings > 0 ? p.substrings : mih_default_substrings(bits, p.n);
   if (m < 1 || m > bits) throw std::invalid_argument("mih: substrings must be in [1, bits]");
+  if (m > 4096) throw std::invalid_argument("mih: at most 4096 substrings");  // see met_at
+  if (bits >= (1 << (64 - kPosBits))) throw std::invalid_argument("mih: codes too long");  // see pack_key
   const int narrow = bits / m, wide_count = bits % m;
   if (narrow + (wide_count ? 1 : 0) > kMihMaxSubstringBits)
     throw std::invalid_argument("mih: substrings wider than " + std::to_string(kMihMaxSubstringBits) +
@@ -371,11 +425,18 @@ std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par)
     for (size_t v = 0; v < buckets; ++v) tb.offsets[v + 1] += tb.offsets[v];
     std::vector<uint32_t> cursor(tb.offsets.begin(), tb.offsets.end() - 1);
     tb.positions.resize(size_t(p.n));
-    // Packed remainders need at most 7 bytes (8 of them fill one vector); wider ones stay whole.
-    const bool pack = words == 1 && bits - tb.bits <= 56;
-    if (pack) {
-      tb.rest_bytes = std::max(1, (bits - tb.bits + 7) / 8);
-      tb.rest.assign(size_t(p.n) * size_t(tb.rest_bytes) + 64, 0);
+    tb.split = words == 1;
+    if (tb.split) {
+      const int rest_bits = bits - tb.bits;
+      tb.tail_bytes = rest_bits > 32 ? (rest_bits - 32 + 7) / 8 : 0;
+      tb.head.resize(size_t(p.n));
+      tb.tail.assign(size_t(p.n) * size_t(tb.tail_bytes) + 8, 0);
+      for (int j = 0; j < m; ++j) {
+        if (j == int(i)) continue;
+        const auto& other = t->tables[size_t(j)];
+        const int rest_first = j < i ? other.first_bit : other.first_bit - tb.bits;
+        if (rest_first >= 32) ++(j < i ? tb.tail_substrings_before : tb.tail_substrings_after);
+      }
     } else {
       tb.codes.resize(size_t(p.n) * size_t(words));
     }
@@ -383,9 +444,11 @@ std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par)
       const uint64_t* code = all.data() + j * words;
       const uint32_t e = cursor[substring_of(code, tb.first_bit, tb.bits)]++;
       tb.positions[e] = uint32_t(j);
-      if (pack) {
+      if (tb.split) {
         const uint64_t r = rest_of(code[0], tb.first_bit, tb.bits);
-        std::memcpy(tb.rest.data() + size_t(e) * size_t(tb.rest_bytes), &r, size_t(tb.rest_bytes));
+        tb.head[e] = uint32_t(r);
+        const uint32_t above = uint32_t(r >> 32);
+        std::memcpy(tb.tail.data() + size_t(e) * size_t(tb.tail_bytes), &above, size_t(tb.tail_bytes));
       } else {
         std::copy(code, code + words, tb.codes.data() + size_t(e) * size_t(words));
       }
@@ -394,19 +457,13 @@ std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par)
   return t;
 }
 
-void run_mih_knn(const MihKnnParams& p, Parallel& pool) {
+void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   const MihTables& t = *p.tables;
   if (p.k < 1 || p.k > t.n) throw std::invalid_argument("mih knn: k must be in [1, n]");
   const Labels labels{p.ids, p.ids == nullptr || p.ids_ascending};
   const int m = int(t.tables.size());
   const int max_distance = t.code_bytes * 8;
   if (p.nq == 0) return;
-  // One query runs on the calling thread. Sharing it costs a wake-up of and a wait for the other
-  // threads on every call, and probes past the end while they agree that they are done; on the
-  // 2-core development machine (shared with other work) a query split over 2 threads was slower
-  // at every percentile (10M 64-bit codes, k=10: 10th percentile 283 us against 213 us).
-  Serial serial(nullptr, 0);
-  Parallel& par = p.nq == 1 ? static_cast<Parallel&>(serial) : pool;
   const int threads = std::max(1, par.threads());
 
   // Probing goes in stages s = radius * m + table. Once stages 0..s are done, every code within
@@ -423,7 +480,10 @@ void run_mih_knn(const MihKnnParams& p, Parallel& pool) {
     first_item[size_t(s) + 1] = first_item[size_t(s)] + stage_chunks[size_t(s)];
   }
   const int64_t items = first_item[size_t(stages)];
-  // Fewer queries than threads: the threads share each query.
+  // Fewer queries than threads: the threads share each query. A lone query's probes are bound by
+  // memory latency (misses at random buckets) and a second core doubles the misses in flight:
+  // 10M 64-bit codes, k=10, 2 threads: 1.65x faster than one thread (median of per-query ratios,
+  // interleaved), despite waking the other thread on every call.
   const int parts = int(std::max<int64_t>(1, threads / p.nq));
 
   struct Shared {
@@ -470,8 +530,8 @@ void run_mih_knn(const MihKnnParams& p, Parallel& pool) {
       for (int j = 0; j < parts; ++j)
         bound = std::min(bound, siblings[j].published_bound->load(std::memory_order_relaxed));
     };
-    auto hit = [&](int32_t d, int64_t pos) {
-      ps.found.push_back(pack_key(d, pos));
+    auto hit = [&](int32_t d, int64_t where) {
+      ps.found.push_back(pack_key(d, where));
       ps.published_count_at[size_t(d)].store(++ps.count_at[size_t(d)], std::memory_order_relaxed);
       ++within;
       const int32_t before = own_bound;
@@ -519,6 +579,7 @@ void run_mih_knn(const MihKnnParams& p, Parallel& pool) {
     int64_t kept = 0;
     for (uint64_t key : all)
       if (key_distance(key) <= kth) all[size_t(kept++)] = key;
+    resolve_positions(t, all.data(), kept);
     sort_by_distance_then_label(all.data(), kept, labels);
     int32_t* dist = p.out_distances + qi * p.k;
     int64_t* ids = p.out_ids + qi * p.k;
@@ -554,7 +615,7 @@ void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* o
     Probe& pr = probes[size_t(thread)];
     pr.set_query(p.queries + qi * t.code_bytes);
     auto& found = per_query[size_t(qi)];
-    auto hit = [&](int32_t d, int64_t pos) { found.push_back(pack_key(d, pos)); };
+    auto hit = [&](int32_t d, int64_t where) { found.push_back(pack_key(d, where)); };
     // Probe (sub_radius, table) in order until every code within `radius` has been met.
     bool done = false;
     for (int sub = 0; sub <= widest && !done; ++sub) {
@@ -563,6 +624,7 @@ void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* o
         done = m * sub + i >= radius;
       }
     }
+    resolve_positions(t, found.data(), int64_t(found.size()));
     sort_by_distance_then_label(found.data(), int64_t(found.size()), labels);
   });
   for (int64_t q = 0; q < p.nq; ++q)

@@ -8,9 +8,13 @@
 // and keeps a copy of the codes in bucket order, so checking a bucket's codes reads memory in
 // sequence instead of jumping around the database. For codes of at most 64 bits the copy leaves
 // out the table's own substring (every code of a bucket has the same one, at a distance from the
-// query's that the probe knows): only the rest is stored, packed in whole bytes (6 bytes a code
-// for 64-bit codes and 16-bit substrings instead of 8): fewer bytes to read in the runs a search
-// spends its time on, and a sixth less memory (401 MB instead of 481 MB at 10M codes).
+// query's that the probe knows) and is split in two: the low 32 bits of the rest (the "head") and
+// the bits above (the "tail"). A probe reads the heads first: a head's distance plus what the
+// pigeonhole principle guarantees for the substrings that lie wholly in the tail is a lower bound
+// on the code's distance (a code that breaks the guarantee was met at an earlier stage, so it may
+// be skipped too), and only the few codes that bound does not rule out have their tails read.
+// 16 heads fill one vector, and a search reads 4 bytes a candidate instead of 6 (64-bit codes,
+// 16-bit substrings).
 #pragma once
 
 #include <cstdint>
@@ -59,11 +63,18 @@ struct MihTables {
     HugeVector<uint32_t> offsets;    // [2^bits + 1]: bucket v holds entries [offsets[v], offsets[v+1])
     HugeVector<uint32_t> positions;  // [n] database positions in bucket order
     HugeVector<uint64_t> codes;      // [n, words] the codes in bucket order (codes over 64 bits)
-    // Codes of at most 64 bits with at most 56 bits outside this substring: those bits, low
-    // first, rest_bytes (1..7) bytes each in bucket order, then 64 bytes of padding (the scan
-    // loads whole vectors). 0: this table keeps whole codes in `codes`.
-    int rest_bytes = 0;
-    HugeVector<uint8_t> rest;
+    // Codes of one 64-bit word: the bits outside this substring (the rest, low first) split
+    // into `head` (its low 32 bits) and `tail` (the bits above, tail_bytes (0..4) each, then 8
+    // bytes of padding), both in bucket order. Empty for wider codes, which keep whole codes in
+    // `codes`.
+    bool split = false;
+    int tail_bytes = 0;
+    // Substrings of the other tables that lie wholly in the tail, before and after this table:
+    // a code first met at substring radius r is more than r bits off on each of the former and
+    // at least r on each of the latter.
+    int tail_substrings_before = 0, tail_substrings_after = 0;
+    HugeVector<uint32_t> head;
+    HugeVector<uint8_t> tail;
   };
   std::vector<Table> tables;
   size_t memory_bytes() const;
@@ -123,14 +134,22 @@ void scan_bucket_scalar(const uint64_t* codes, int64_t count, const uint64_t* q,
 // AVX-512 VPOPCNTDQ version for 1 or 2 words per code (mih_avx512.cpp); others use the scalar one.
 void scan_bucket_avx512(const uint64_t* codes, int64_t count, const uint64_t* q, int words, const int32_t* bound,
                         BucketHit hit, void* ctx);
-// The same over packed remainders (`stride` bytes each, 1..7, readable up to 64 bytes past the
-// last): the distance is base + popcount(rest ^ q_rest).
-void scan_rest_scalar(const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base,
-                      const int32_t* bound, BucketHit hit, void* ctx);
-// AVX-512 VBMI + VPOPCNTDQ (8 remainders per vector; mih_avx512.cpp).
-void scan_rest_avx512(const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base,
-                      const int32_t* bound, BucketHit hit, void* ctx);
-bool cpu_has_avx512_vbmi();
+// Split tables (see MihTables): of `count` entries numbered from `first`, writes to out_entries
+// the numbers of those whose lower bound floor + popcount(head ^ q_head) is at most `bound`, and
+// to out_ones their popcount(head ^ q_head); returns how many. Both outputs need room for
+// count + 16 values (vector stores).
+int64_t split_survivors_scalar(const uint32_t* head, int64_t count, uint32_t q_head, int32_t floor, int32_t bound,
+                               uint32_t first, uint32_t* out_entries, uint32_t* out_ones);
+// AVX-512 VPOPCNTDQ: 16 heads per vector (mih_avx512.cpp).
+int64_t split_survivors_avx512(const uint32_t* head, int64_t count, uint32_t q_head, int32_t floor, int32_t bound,
+                               uint32_t first, uint32_t* out_entries, uint32_t* out_ones);
+// The tail of entry `entry` (tail_bytes bytes, zero when there are none).
+inline uint32_t load_tail(const uint8_t* tail, int tail_bytes, int64_t entry) {
+  if (tail_bytes == 0) return 0;
+  uint32_t v;
+  __builtin_memcpy(&v, tail + entry * tail_bytes, 4);
+  return tail_bytes == 4 ? v : v & ((uint32_t(1) << (8 * tail_bytes)) - 1);
+}
 }  // namespace mih_detail
 
 }  // namespace cbir::cpu

@@ -61,60 +61,35 @@ CBIR_AVX512 void scan2(const uint64_t* codes, int64_t count, const uint64_t* q, 
   }
 }
 
-// Byte permutes that spread 8 remainders of 1..7 bytes into 64-bit lanes, and the bytes each keeps.
-struct SpreadTable {
-  alignas(64) uint8_t index[64];
-  uint64_t keep;
-};
-struct SpreadTables {
-  SpreadTable t[8] = {};
-  SpreadTables() {
-    for (int stride = 1; stride < 8; ++stride)
-      for (int lane = 0; lane < 8; ++lane)
-        for (int b = 0; b < 8; ++b) {
-          t[stride].index[lane * 8 + b] = uint8_t(b < stride ? lane * stride + b : 0);
-          if (b < stride) t[stride].keep |= uint64_t(1) << (lane * 8 + b);
-        }
-  }
-  const SpreadTable& operator[](int stride) const { return t[stride]; }
-};
-const SpreadTables kSpread;
-
-__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vpopcntdq"))) void scan_rest8(
-    const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base, const int32_t* bound,
-    BucketHit hit, void* ctx) {
-  // One 64-byte load holds 8 remainders of `stride` bytes; a byte permute spreads them into the
-  // 8 64-bit lanes (bytes past the stride zeroed), then XOR and popcount as for whole codes.
-  const SpreadTable& t = kSpread[stride];
-  const __m512i spread = _mm512_load_si512(t.index);
-  const uint64_t keep = t.keep;
-  const __m512i qv = _mm512_set1_epi64(int64_t(q_rest));
-  const __m512i basev = _mm512_set1_epi64(base);
-  const int64_t step = int64_t(8) * stride;
-  for (int64_t i = 0; i < count; i += 8) {
-    const __mmask8 valid = count - i >= 8 ? __mmask8(0xff) : __mmask8((1u << (count - i)) - 1);
-    const __m512i raw = _mm512_loadu_si512(rest + (i / 8) * step);
-    const __m512i x = _mm512_maskz_permutexvar_epi8(__mmask64(keep), spread, raw);
-    const __m512i d = _mm512_add_epi64(_mm512_popcnt_epi64(_mm512_xor_si512(x, qv)), basev);
-    const __mmask8 pass = _mm512_mask_cmple_epi64_mask(valid, d, _mm512_set1_epi64(*bound));
+CBIR_AVX512 int64_t split_survivors16(const uint32_t* head, int64_t count, uint32_t q_head, int32_t floor,
+                                      int32_t bound, uint32_t first, uint32_t* out_entries, uint32_t* out_ones) {
+  if (bound < floor) return 0;
+  const __m512i qv = _mm512_set1_epi32(int32_t(q_head));
+  const __m512i limit = _mm512_set1_epi32(bound - floor);
+  const __m512i lanes = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(int32_t(first)));
+  int64_t found = 0;
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 valid = count - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (count - i)) - 1);
+    const __m512i ones = _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, head + i), qv));
+    const __mmask16 pass = _mm512_mask_cmple_epu32_mask(valid, ones, limit);
     if (__builtin_expect(pass != 0, 0)) {
-      alignas(64) uint64_t lanes[8];
-      _mm512_store_si512(lanes, d);
-      report(i, pass, lanes, hit, ctx, bound);
+      // Compress in registers, then store whole vectors: a compress straight to memory is slow on
+      // some cores (Zen 4).
+      const __m512i entries = _mm512_add_epi32(lanes, _mm512_set1_epi32(int32_t(i)));
+      _mm512_storeu_si512(out_entries + found, _mm512_maskz_compress_epi32(pass, entries));
+      _mm512_storeu_si512(out_ones + found, _mm512_maskz_compress_epi32(pass, ones));
+      found += __builtin_popcount(pass);
     }
   }
+  return found;
 }
 
 }  // namespace
 
-void scan_rest_avx512(const uint8_t* rest, int64_t count, int stride, uint64_t q_rest, int32_t base,
-                      const int32_t* bound, BucketHit hit, void* ctx) {
-  scan_rest8(rest, count, stride, q_rest, base, bound, hit, ctx);
-}
-
-bool cpu_has_avx512_vbmi() {
-  static const bool has = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
-  return has;
+int64_t split_survivors_avx512(const uint32_t* head, int64_t count, uint32_t q_head, int32_t floor, int32_t bound,
+                               uint32_t first, uint32_t* out_entries, uint32_t* out_ones) {
+  return split_survivors16(head, count, q_head, floor, bound, first, out_entries, out_ones);
 }
 
 void scan_bucket_avx512(const uint64_t* codes, int64_t count, const uint64_t* q, int words, const int32_t* bound,
