@@ -73,14 +73,14 @@ CBIR_AVX512 int64_t split_survivors16(const uint32_t* head, int64_t count, uint3
     const __mmask16 valid = count - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (count - i)) - 1);
     const __m512i ones = _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_maskz_loadu_epi32(valid, head + i), qv));
     const __mmask16 pass = _mm512_mask_cmple_epu32_mask(valid, ones, limit);
-    if (__builtin_expect(pass != 0, 0)) {
-      // Compress in registers, then store whole vectors: a compress straight to memory is slow on
-      // some cores (Zen 4).
-      const __m512i entries = _mm512_add_epi32(lanes, _mm512_set1_epi32(int32_t(i)));
-      _mm512_storeu_si512(out_entries + found, _mm512_maskz_compress_epi32(pass, entries));
-      _mm512_storeu_si512(out_ones + found, _mm512_maskz_compress_epi32(pass, ones));
-      found += __builtin_popcount(pass);
-    }
+    // No branch on `pass`: about one vector in six has a survivor (10M random 64-bit codes,
+    // 16-bit substrings), too often to predict, and two stores a vector cost less than the
+    // mispredictions did (1.08-1.17x per query). Compressed in registers: a compress straight to
+    // memory is slow on Zen 4.
+    const __m512i entries = _mm512_add_epi32(lanes, _mm512_set1_epi32(int32_t(i)));
+    _mm512_storeu_si512(out_entries + found, _mm512_maskz_compress_epi32(pass, entries));
+    _mm512_storeu_si512(out_ones + found, _mm512_maskz_compress_epi32(pass, ones));
+    found += __builtin_popcount(pass);
   }
   return found;
 }
