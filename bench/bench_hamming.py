@@ -331,7 +331,10 @@ def run_config(dataset, n, bits, db, queries_by_mode, ks, args, writer, rows, me
             line = f"{nq_mode:>5} {k:>4} " + " ".join(
                 f"{1 / statistics.median(times[mm.name]):>15,.0f}" for mm in methods
             )
-            line += f" {ratio_faiss:>9.1f}x {ratio_mih:>12.1f}x {recall:>16.3f}"
+            # "-": not timed in this run (FAISS left out, or no multi-index tables).
+            line += f" {ratio_faiss:>9.1f}x" if with_faiss else f" {'-':>10}"
+            line += f" {ratio_mih:>12.1f}x" if have_mih else f" {'-':>13}"
+            line += f" {recall:>16.3f}" if with_faiss else f" {'-':>16}"
             line += f"   others busy {load:.0%}"
             print(line, flush=True)
             for mm in methods:
