@@ -465,6 +465,7 @@ PYBIND11_MODULE(_C, m) {
         py::dict st;
         st["buckets"] = stats.buckets;
         st["candidates"] = stats.candidates;
+        st["survivors"] = stats.survivors;
         return py::make_tuple(dist, ids, st);
       },
       py::arg("threads"), py::arg("tables"), py::arg("ids"), py::arg("ids_ascending"), py::arg("queries"),

@@ -296,6 +296,7 @@ struct Probe {
             __builtin_prefetch(tails + size_t(survivor_entries[survivors + size_t(g)]) * size_t(tb.tail_bytes));
           survivors += size_t(got);
           survivors_end[j] = uint32_t(survivors);
+          stats.survivors += got;
         } else {
           scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
                       &Context::on_hit, &ctx);
@@ -593,6 +594,7 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
     for (const auto& pr : probes) {
       p.stats->buckets += pr.stats.buckets;
       p.stats->candidates += pr.stats.candidates;
+      p.stats->survivors += pr.stats.survivors;
     }
   }
 }
@@ -644,6 +646,7 @@ void run_mih_range(const MihRangeParams& p, Parallel& par, HammingRangeResult* o
     for (const auto& pr : probes) {
       p.stats->buckets += pr.stats.buckets;
       p.stats->candidates += pr.stats.candidates;
+      p.stats->survivors += pr.stats.survivors;
     }
   }
 }

@@ -185,6 +185,22 @@ def test_mih_one_query_at_a_time_matches_flat(isa, substrings):
             np.testing.assert_array_equal(a, b)
 
 
+def test_mih_stats_count_what_the_probes_read():
+    # 64-bit codes in 4 tables of 16 bits: every result is a code whose tail was read (a
+    # survivor of the head bound), every survivor a candidate; the 1 + 16 buckets of substring
+    # radius 0 and 1 of each table come first.
+    rng = np.random.default_rng(8)
+    db = random_codes(rng, 50_000, 64)
+    threads = _C.HammingThreads(1)
+    tables = _C.mih_build(threads, db, 4)
+    d, i, stats = _C.mih_knn(threads, tables, None, True, db[:1] ^ np.uint8(3), 10)
+    ref_d, ref_i = knn_reference(db, np.arange(len(db), dtype=np.int64), db[:1] ^ np.uint8(3), 10)
+    np.testing.assert_array_equal(d, ref_d)
+    np.testing.assert_array_equal(i, ref_i)
+    assert stats["buckets"] >= 4 * 17
+    assert 10 <= stats["survivors"] <= stats["candidates"] < len(db) * 4
+
+
 @pytest.mark.parametrize("substrings", [2, 3, 5, 8, 40])
 def test_mih_any_substring_count(substrings):
     rng = np.random.default_rng(substrings)
