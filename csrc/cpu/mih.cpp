@@ -296,7 +296,6 @@ struct Probe {
             __builtin_prefetch(tails + size_t(survivor_entries[survivors + size_t(g)]) * size_t(tb.tail_bytes));
           survivors += size_t(got);
           survivors_end[j] = uint32_t(survivors);
-          stats.survivors += got;
         } else {
           scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
                       &Context::on_hit, &ctx);
@@ -309,8 +308,11 @@ struct Probe {
           ctx.key = keys[j];
           for (; next < survivors_end[j]; ++next) {
             const uint32_t entry = survivor_entries[next];
-            const int32_t d = radius + int32_t(survivor_ones[next]) +
-                              __builtin_popcount(mih_detail::load_tail(tails, tb.tail_bytes, entry) ^ q_tail_here);
+            const int32_t ones = int32_t(survivor_ones[next]);
+            if (floor + ones > *bound) continue;  // the bound fell since the scan
+            ++stats.survivors;
+            const int32_t d =
+                radius + ones + __builtin_popcount(mih_detail::load_tail(tails, tb.tail_bytes, entry) ^ q_tail_here);
             if (d <= *bound) Context::on_split_hit(&ctx, entry, d);
           }
         }

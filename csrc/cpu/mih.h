@@ -98,7 +98,7 @@ std::unique_ptr<MihTables> run_mih_build(const MihBuildParams& p, Parallel& par)
 struct MihStats {
   int64_t buckets = 0;     // buckets probed
   int64_t candidates = 0;  // codes checked (split tables: by their heads)
-  int64_t survivors = 0;   // codes of split tables whose tails were read
+  int64_t survivors = 0;   // codes of split tables whose tails were checked
 };
 
 // Same results as run_hamming_knn over the codes the tables were built from.
