@@ -244,11 +244,36 @@ struct Probe {
     const int32_t floor = radius + tb.tail_substrings_before * (radius + 1) + tb.tail_substrings_after * radius;
     const uint32_t q_head_here = q_head[size_t(table)], q_tail_here = q_tail[size_t(table)];
     const uint8_t* tails = tb.tail.data();
-    // Survivors of the head bound in this block: entries and head popcounts, and per bucket the
-    // end of its run. Their tails are prefetched when found and read after the block's scans, so
-    // the tail misses overlap instead of stalling the scan one by one.
+    // Survivors of the head bound: entries and head popcounts, and per bucket the end of its run.
+    // Their tails are prefetched when found and checked in batches (flush), so the tail misses
+    // overlap instead of stalling the scan one by one. A batch ends at the end of a block or
+    // once kFlushAt survivors wait, and a bucket is scanned kPiece heads at a time: early in a
+    // search the bound is loose and nearly every code survives (clustered codes fill buckets of
+    // thousands), so the hits that tighten it must not wait for the block's end.
+    constexpr size_t kFlushAt = 64;
+    constexpr uint32_t kPiece = 256;
     size_t survivors = 0;
+    int flush_from = 0;  // the first bucket with survivors in the buffer
     uint32_t survivors_end[kBlock];
+    auto flush = [&](int upto) {  // checks the buffer's survivors (buckets flush_from..upto)
+      ctx.first = 0;
+      size_t next = 0;
+      for (int j = flush_from; j <= upto; ++j) {
+        ctx.key = keys[j];
+        const size_t end_j = j == upto ? survivors : survivors_end[j];
+        for (; next < end_j; ++next) {
+          const uint32_t entry = survivor_entries[next];
+          const int32_t ones = int32_t(survivor_ones[next]);
+          if (floor + ones > *bound) continue;  // the bound fell since the scan
+          ++stats.survivors;
+          const int32_t d =
+              radius + ones + __builtin_popcount(mih_detail::load_tail(tails, tb.tail_bytes, entry) ^ q_tail_here);
+          if (d <= *bound) Context::on_split_hit(&ctx, entry, d);
+        }
+      }
+      survivors = 0;
+      flush_from = upto;
+    };
     for (uint64_t rank = first_mask; rank < end_mask;) {
       const int count = int(std::min<uint64_t>(kBlock, end_mask - rank));
       int e = 0;
@@ -284,17 +309,22 @@ struct Probe {
         stats.candidates += last - first;
         ctx.first = first;
         if (tb.split) {
-          const size_t room = survivors + (last - first) + 16;
-          if (survivor_entries.size() < room) {
-            survivor_entries.resize(std::max(room, 2 * survivor_entries.size()));
-            survivor_ones.resize(survivor_entries.size());
+          for (uint32_t at = first; at < last;) {
+            const uint32_t piece = std::min(kPiece, last - at);
+            const size_t room = survivors + piece + 16;
+            if (survivor_entries.size() < room) {
+              survivor_entries.resize(std::max(room, 2 * survivor_entries.size()));
+              survivor_ones.resize(survivor_entries.size());
+            }
+            const int64_t got = split_survivors(tb.head.data() + at, int64_t(piece), q_head_here, floor, *bound, at,
+                                                survivor_entries.data() + survivors,
+                                                survivor_ones.data() + survivors);
+            for (int64_t g = 0; g < got && tb.tail_bytes; ++g)
+              __builtin_prefetch(tails + size_t(survivor_entries[survivors + size_t(g)]) * size_t(tb.tail_bytes));
+            survivors += size_t(got);
+            at += piece;
+            if (survivors >= kFlushAt) flush(j);
           }
-          const int64_t got = split_survivors(tb.head.data() + first, int64_t(last - first), q_head_here, floor,
-                                              *bound, first, survivor_entries.data() + survivors,
-                                              survivor_ones.data() + survivors);
-          for (int64_t g = 0; g < got && tb.tail_bytes; ++g)
-            __builtin_prefetch(tails + size_t(survivor_entries[survivors + size_t(g)]) * size_t(tb.tail_bytes));
-          survivors += size_t(got);
           survivors_end[j] = uint32_t(survivors);
         } else {
           scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
@@ -302,20 +332,8 @@ struct Probe {
         }
       }
       if (tb.split) {
-        ctx.first = 0;
-        size_t next = 0;
-        for (int j = 0; j < count; ++j) {
-          ctx.key = keys[j];
-          for (; next < survivors_end[j]; ++next) {
-            const uint32_t entry = survivor_entries[next];
-            const int32_t ones = int32_t(survivor_ones[next]);
-            if (floor + ones > *bound) continue;  // the bound fell since the scan
-            ++stats.survivors;
-            const int32_t d =
-                radius + ones + __builtin_popcount(mih_detail::load_tail(tails, tb.tail_bytes, entry) ^ q_tail_here);
-            if (d <= *bound) Context::on_split_hit(&ctx, entry, d);
-          }
-        }
+        flush(count - 1);
+        flush_from = 0;
       }
       stats.buckets += count;
     }
