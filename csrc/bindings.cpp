@@ -440,11 +440,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "mih_knn",
       [](HammingThreads& threads, const PyMihTables& tables, const py::object& ids_obj, bool ids_ascending,
-         const py::object& q_obj, int64_t k) {
+         const py::object& q_obj, int64_t k, int serial_start_us) {
         auto q = codes_arg(q_obj, "queries");
         if (q.shape(1) != tables.tables->code_bytes) throw py::value_error("queries and tables differ in code width");
         if (k < 1 || k > tables.tables->n) throw py::value_error("k must be in [1, number of codes]");
+        if (serial_start_us < 0) throw py::value_error("serial_start_us must be >= 0");
         cbir::cpu::MihKnnParams p;
+        p.serial_start_us = serial_start_us;
         cbir::cpu::MihStats stats;
         p.tables = tables.tables.get();
         p.ids = ids_arg(ids_obj, tables.tables->n);
@@ -469,7 +471,9 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(dist, ids, st);
       },
       py::arg("threads"), py::arg("tables"), py::arg("ids"), py::arg("ids_ascending"), py::arg("queries"),
-      py::arg("k"), "exact k nearest codes by multi-index hashing: (distances, ids, stats)");
+      py::arg("k"), py::arg("serial_start_us") = 20,
+      "exact k nearest codes by multi-index hashing: (distances, ids, stats); a lone query runs on "
+      "the calling thread for serial_start_us before the other threads join it");
 
   m.def(
       "mih_range",

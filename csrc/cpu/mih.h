@@ -112,6 +112,9 @@ struct MihKnnParams {
   int32_t* out_distances = nullptr;
   int64_t* out_ids = nullptr;
   MihStats* stats = nullptr;  // optional
+  // A lone query runs on the calling thread alone for this long before the other threads join
+  // it (see mih.cpp); 0: they share it from the start.
+  int serial_start_us = 20;
 };
 void run_mih_knn(const MihKnnParams& p, Parallel& par);
 

@@ -185,6 +185,27 @@ def test_mih_one_query_at_a_time_matches_flat(isa, substrings):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("serial_start_us", [0, 1, 20, 10**6])
+def test_mih_lone_query_handoff_matches_reference(serial_start_us):
+    # A lone query runs on the calling thread for serial_start_us, then both threads share what
+    # is left: from the start (0), after the first chunk of buckets (1), the default (20), never
+    # in practice (10**6). Clustered codes give buckets of thousands and many ties.
+    rng = np.random.default_rng(11)
+    db = np.concatenate([clustered_codes(rng, 30_000, 64, distinct=40), random_codes(rng, 90_000, 64)])
+    ids = rng.permutation(len(db)).astype(np.int64)
+    q = np.concatenate([db[:3] ^ np.uint8(5), random_codes(rng, 5, 64)])
+    threads = _C.HammingThreads(2)
+    tables = _C.mih_build(threads, db, 4)
+    for k in (1, 10, 300):
+        ref_d, ref_i = knn_reference(db, ids, q, k)
+        for j in range(len(q)):
+            d, i, _ = _C.mih_knn(threads, tables, ids, False, q[j : j + 1], k, serial_start_us)
+            np.testing.assert_array_equal(d[0], ref_d[j])
+            np.testing.assert_array_equal(i[0], ref_i[j])
+    with pytest.raises(ValueError, match="serial_start_us"):
+        _C.mih_knn(threads, tables, ids, False, q[:1], 1, -1)
+
+
 def test_mih_stats_count_what_the_probes_read():
     # 64-bit codes in 4 tables of 16 bits: every result is a code whose tail was read (a
     # survivor of the head bound), every survivor a candidate; the 1 + 16 buckets of substring
