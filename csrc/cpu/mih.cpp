@@ -195,9 +195,9 @@ struct Probe {
     return true;
   }
 
-  // Probes table `table` at substring distance exactly `radius`, calling hit(distance, met_at(table, entry))
-  // for each code met here for the first time whose full distance is at most *bound (re-read
-  // after every hit: hit may lower it). Only the buckets of rank [first_mask, end_mask) among
+  // Probes table `table` at substring distance exactly `radius`, calling
+  // hit(distance, met_at(table, entry)) for each code met here for the first time whose full
+  // distance is at most *bound (re-read after every hit: hit may lower it). Only the buckets of rank [first_mask, end_mask) among
   // the radius-`radius` neighbours of the query's substring are probed (threads sharing a query
   // take chunks of them).
   template <typename Hit>
@@ -504,8 +504,8 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   const int64_t items = first_item[size_t(stages)];
   // Fewer queries than threads: the threads share each query. A lone query's probes are bound by
   // memory latency (misses at random buckets) and a second core doubles the misses in flight:
-  // 10M 64-bit codes, k=10, 2 threads: 1.65x faster than one thread (median of per-query ratios,
-  // interleaved), despite waking the other thread on every call.
+  // 10M random 64-bit codes, k=10, 2 threads sharing from the start: 1.65x faster than one
+  // thread (median of per-query ratios, interleaved), despite waking the other thread each time.
   const int parts = int(std::max<int64_t>(1, threads / p.nq));
   // A lone query starts on the calling thread alone and calls the others in only if it is still
   // running after serial_start_us: most queries on clustered codes end sooner than waking another
@@ -523,7 +523,7 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   // alone (on their own cache lines) and read by the query's other parts: shared counters would
   // bounce between the cores on every hit.
   struct Part {
-    std::vector<uint64_t> found;  // (distance, position) of codes met within the bound
+    std::vector<uint64_t> found;  // (distance, met_at) of codes met within the bound
     std::vector<int64_t> count_at;  // found codes per distance
     int32_t own_bound = 0;  // the k-th smallest distance this part has met
     int64_t within = 0;     // this part's codes met at distance <= own_bound
