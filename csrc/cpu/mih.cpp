@@ -229,10 +229,11 @@ struct Probe {
     } ctx{this, &tb, 0, 0, table, radius, &hit};
     // Buckets are taken in blocks: first every key of the block (its offsets prefetched), then
     // the bucket bounds, then the scan. The scan reads a chain of short runs of cache lines at
-    // random places (about 20 lines a bucket at the default substring width); a prefetch cursor
-    // walks that chain kLinesAhead lines ahead of the scan, line by line, so a steady number of
-    // requests is in flight (measured faster than prefetching whole buckets some buckets ahead,
-    // which issues them in bursts). Into L2 (prefetcht2): measured faster than into L1.
+    // random places (about 10 lines of heads a bucket at the default substring width); a
+    // prefetch cursor walks that chain kLinesAhead lines ahead of the scan, line by line, so a
+    // steady number of requests is in flight (measured faster than prefetching whole buckets
+    // some buckets ahead, which issues them in bursts). Into L2 (prefetcht2): measured faster
+    // than into L1 (prefetcht0) or with a non-temporal hint.
     constexpr int kBlock = 256, kLinesAhead = 64;
     uint32_t keys[kBlock], begin[kBlock], end[kBlock];
     const uint64_t* codes = tb.codes.data();
