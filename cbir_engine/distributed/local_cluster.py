@@ -34,10 +34,25 @@ class ClusterStartError(CbirError, RuntimeError):
     """The local Ray cluster did not come up (its logs are named in the message)."""
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _free_ports(host: str, count: int, taken: set[int]) -> list[int]:
+    """`count` distinct free ports on `host`, none in `taken` (which they are added to). The
+    sockets stay bound until all are chosen: one at a time, the kernel may hand out a port it just
+    released again, and a Ray node refuses to start when two of its components share a port."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            held.append(s)
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+            if port not in taken:
+                taken.add(port)
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
 
 
 def _ray_executable() -> str:
@@ -86,6 +101,7 @@ class LocalRayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="cbray_", dir="/tmp")
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[Path] = []
+        self._ports: set[int] = set()  # every port given to a node of this cluster
 
     # ------------------------------------------------------------------ environment
     def env(self) -> dict[str, str]:
@@ -114,12 +130,12 @@ class LocalRayCluster:
 
     # ------------------------------------------------------------------ start and stop
     def _node_args(self, ip: str) -> list[str]:
+        ports = [str(p) for p in _free_ports(ip, 6, self._ports)]
         return ["--node-ip-address", ip, "--num-cpus", str(self.cpus_per_node),
                 "--object-store-memory", str(self.object_store_mb << 20), "--disable-usage-stats", "--block",
-                "--object-manager-port", str(_free_port(ip)), "--node-manager-port", str(_free_port(ip)),
-                "--dashboard-agent-listen-port", str(_free_port(ip)),
-                "--dashboard-agent-grpc-port", str(_free_port(ip)),
-                "--runtime-env-agent-port", str(_free_port(ip)), "--metrics-export-port", str(_free_port(ip))]
+                "--object-manager-port", ports[0], "--node-manager-port", ports[1],
+                "--dashboard-agent-listen-port", ports[2], "--dashboard-agent-grpc-port", ports[3],
+                "--runtime-env-agent-port", ports[4], "--metrics-export-port", ports[5]]
 
     @staticmethod
     def _die_with_parent() -> None:
@@ -146,11 +162,10 @@ class LocalRayCluster:
         ray_bin = _ray_executable()  # fail before starting anything
         del ray_bin
         try:
-            self.port = _free_port(self.head_ip)
+            self.port, dashboard, client = _free_ports(self.head_ip, 3, self._ports)
             self._spawn(["--head", "--port", str(self.port), "--temp-dir", self.temp_dir,
-                         "--include-dashboard=false", "--dashboard-port", str(_free_port(self.head_ip)),
-                         "--ray-client-server-port", str(_free_port(self.head_ip)),
-                         *self._node_args(self.head_ip)], "head")
+                         "--include-dashboard=false", "--dashboard-port", str(dashboard),
+                         "--ray-client-server-port", str(client), *self._node_args(self.head_ip)], "head")
             self._wait_for_port(self.head_ip, self.port)
             for i in range(1, self.nodes):
                 ip = f"127.0.0.{2 + i}"
