@@ -206,7 +206,13 @@ class LocalRayCluster:
                 if ray.is_initialized():
                     ray.shutdown()
                 time.sleep(1.0)
-        self.wait_for_nodes()
+        try:
+            self.wait_for_nodes()
+        except BaseException:
+            # Disconnect before the caller stops the cluster: a driver left connected to a
+            # stopped head is ended by Ray (exit status 1) once the GCS has been gone for 60 s.
+            ray.shutdown()
+            raise
 
     def wait_for_nodes(self) -> None:
         """Blocks until every node has joined (needs `ray.init` done in this process)."""

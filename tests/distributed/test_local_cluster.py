@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import socket
 
-from cbir_engine.distributed.local_cluster import LocalRayCluster, _free_ports
+import pytest
+
+from cbir_engine.distributed.local_cluster import ClusterStartError, LocalRayCluster, _free_ports
 
 
 def test_free_ports_are_distinct_free_and_not_taken():
@@ -29,5 +31,32 @@ def test_node_arguments_never_share_a_port():
             args = cluster._node_args(ip)
             ports += [int(args[i + 1]) for i, a in enumerate(args) if a.endswith("-port")]
         assert len(ports) == 18 and len(set(ports)) == 18
+    finally:
+        cluster.stop()
+
+
+def test_a_node_that_fails_to_start_leaves_the_driver_disconnected(monkeypatch):
+    # The failure seen once: the worker node's `ray start` refuses two components on one port.
+    # connect() must say so and leave this process disconnected; a driver still connected to the
+    # stopped head is ended by Ray a minute later, and the test run with it.
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = LocalRayCluster(nodes=2, start_timeout=60)
+    real_args = cluster._node_args
+
+    def clashing_args(ip: str) -> list[str]:
+        args = real_args(ip)
+        if ip != cluster.head_ip:
+            args[args.index("--metrics-export-port") + 1] = args[args.index("--runtime-env-agent-port") + 1]
+        return args
+
+    monkeypatch.setattr(cluster, "_node_args", clashing_args)
+    try:
+        cluster.start()
+        with pytest.raises(ClusterStartError, match="node exited"):
+            cluster.connect()
+        assert not ray.is_initialized()
     finally:
         cluster.stop()
