@@ -3,6 +3,7 @@
 #include "cpu/mih.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -197,19 +198,21 @@ struct Probe {
 
   // Probes table `table` at substring distance exactly `radius`, calling
   // hit(distance, met_at(table, entry)) for each code met here for the first time whose full
-  // distance is at most *bound (re-read after every hit: hit may lower it). Only the buckets of rank [first_mask, end_mask) among
-  // the radius-`radius` neighbours of the query's substring are probed (threads sharing a query
-  // take chunks of them).
+  // distance is at most *bound (re-read after every hit: hit may lower it). Only the buckets of
+  // rank [first_mask, end_mask) among the radius-`radius` neighbours of the query's substring
+  // are probed (threads sharing a query take chunks of them).
   template <typename Hit>
   void probe(int table, int radius, const int32_t* bound, Hit&& hit, uint64_t first_mask, uint64_t end_mask) {
     const MihTables::Table& tb = t->tables[size_t(table)];
     if (radius > tb.bits) return;
     const int words = t->words;
     const uint32_t key0 = q_sub[size_t(table)];
+    // Whole codes (tables of codes over 64 bits): scan_bucket calls back for each code within
+    // the bound.
     struct Context {
       Probe* self;
       const MihTables::Table* tb;
-      uint32_t first, key;
+      uint32_t first;
       int table, radius;
       std::remove_reference_t<Hit>* hit;
       static void on_hit(void* c, int64_t entry, int32_t d) {
@@ -218,15 +221,7 @@ struct Probe {
         const uint64_t* code = x->tb->codes.data() + size_t(e) * size_t(x->self->t->words);
         if (x->self->first_met_here(code, x->radius, x->table)) (*x->hit)(d, met_at(x->table, e));
       }
-      static void on_split_hit(void* c, int64_t entry, int32_t d) {
-        auto* x = static_cast<Context*>(c);
-        const uint32_t e = x->first + uint32_t(entry);
-        const uint64_t rest =
-            x->tb->head[e] | uint64_t(mih_detail::load_tail(x->tb->tail.data(), x->tb->tail_bytes, e)) << 32;
-        const uint64_t code = code_from_rest(rest, x->key, x->tb->first_bit, x->tb->bits);
-        if (x->self->first_met_here(&code, x->radius, x->table)) (*x->hit)(d, met_at(x->table, e));
-      }
-    } ctx{this, &tb, 0, 0, table, radius, &hit};
+    } ctx{this, &tb, 0, table, radius, &hit};
     // Buckets are taken in blocks: first every key of the block (its offsets prefetched), then
     // the bucket bounds, then the scan. The scan reads a chain of short runs of cache lines at
     // random places (about 10 lines of heads a bucket at the default substring width); a
@@ -246,31 +241,26 @@ struct Probe {
     const int32_t floor = radius + tb.tail_substrings_before * (radius + 1) + tb.tail_substrings_after * radius;
     const uint32_t q_head_here = q_head[size_t(table)], q_tail_here = q_tail[size_t(table)];
     const uint8_t* tails = tb.tail.data();
-    // Survivors of the head bound: entries and head popcounts, and per bucket the end of its run.
-    // Their tails are prefetched when found and checked in batches (flush), so the tail misses
-    // overlap instead of stalling the scan one by one. A batch ends at the end of a block or
-    // once kFlushAt survivors wait, and a bucket is scanned kPiece heads at a time: early in a
-    // search the bound is loose and nearly every code survives (clustered codes fill buckets of
-    // thousands), so the hits that tighten it must not wait for the block's end.
-    constexpr size_t kFlushAt = 64;
-    constexpr uint32_t kPiece = 256;
+    // Survivors of the head bound (survivor_entries / survivor_ones), and per bucket the end of
+    // its run. Their tails are prefetched when found and checked in batches (flush), so the tail
+    // misses overlap instead of stalling the scan one by one.
     size_t survivors = 0;
     int flush_from = 0;  // the first bucket with survivors in the buffer
     uint32_t survivors_end[kBlock];
     auto flush = [&](int upto) {  // checks the buffer's survivors (buckets flush_from..upto)
-      ctx.first = 0;
       size_t next = 0;
       for (int j = flush_from; j <= upto; ++j) {
-        ctx.key = keys[j];
         const size_t end_j = j == upto ? survivors : survivors_end[j];
         for (; next < end_j; ++next) {
           const uint32_t entry = survivor_entries[next];
           const int32_t ones = int32_t(survivor_ones[next]);
           if (floor + ones > *bound) continue;  // the bound fell since the scan
           ++stats.survivors;
-          const int32_t d =
-              radius + ones + __builtin_popcount(mih_detail::load_tail(tails, tb.tail_bytes, entry) ^ q_tail_here);
-          if (d <= *bound) Context::on_split_hit(&ctx, entry, d);
+          const uint32_t tail = mih_detail::load_tail(tails, tb.tail_bytes, entry);
+          const int32_t d = radius + ones + __builtin_popcount(tail ^ q_tail_here);
+          if (d > *bound) continue;
+          const uint64_t code = code_from_rest(tb.head[entry] | uint64_t(tail) << 32, keys[j], tb.first_bit, tb.bits);
+          if (first_met_here(&code, radius, table)) hit(d, met_at(table, entry));
         }
       }
       survivors = 0;
@@ -309,15 +299,9 @@ struct Probe {
         if (first == last) continue;
         prefetch_lines(int64_t((size_t(last) * code_bytes + 63) / 64 - size_t(first) * code_bytes / 64));
         stats.candidates += last - first;
-        ctx.first = first;
         if (tb.split) {
           for (uint32_t at = first; at < last;) {
             const uint32_t piece = std::min(kPiece, last - at);
-            const size_t room = survivors + piece + 16;
-            if (survivor_entries.size() < room) {
-              survivor_entries.resize(std::max(room, 2 * survivor_entries.size()));
-              survivor_ones.resize(survivor_entries.size());
-            }
             const int64_t got = split_survivors(tb.head.data() + at, int64_t(piece), q_head_here, floor, *bound, at,
                                                 survivor_entries.data() + survivors,
                                                 survivor_ones.data() + survivors);
@@ -329,6 +313,7 @@ struct Probe {
           }
           survivors_end[j] = uint32_t(survivors);
         } else {
+          ctx.first = first;
           scan_bucket(codes + size_t(first) * size_t(words), int64_t(last - first), q.data(), words, bound,
                       &Context::on_hit, &ctx);
         }
@@ -353,7 +338,14 @@ struct Probe {
   using SplitSurvivors = int64_t (*)(const uint32_t*, int64_t, uint32_t, int32_t, int32_t, uint32_t, uint32_t*,
                                      uint32_t*);
   SplitSurvivors split_survivors = pick_split_survivors();
-  std::vector<uint32_t> survivor_entries, survivor_ones;
+  // A batch of survivors is checked (flushed) at the end of a block of buckets or once kFlushAt
+  // wait, and a bucket is scanned kPiece heads at a time: early in a search the bound is loose
+  // and nearly every code survives (clustered codes fill buckets of thousands), so the hits that
+  // tighten it must not wait for the block's end. A piece starts with fewer than kFlushAt
+  // survivors waiting and the scan stores whole vectors, hence the buffers' size.
+  static constexpr size_t kFlushAt = 64;
+  static constexpr uint32_t kPiece = 256;
+  std::array<uint32_t, kFlushAt + kPiece + 16> survivor_entries, survivor_ones;
 
   static SplitSurvivors pick_split_survivors() {
     return std::string(hamming_isa()) == "avx2" ? &mih_detail::split_survivors_scalar
@@ -505,14 +497,17 @@ void run_mih_knn(const MihKnnParams& p, Parallel& par) {
   const int64_t items = first_item[size_t(stages)];
   // Fewer queries than threads: the threads share each query. A lone query's probes are bound by
   // memory latency (misses at random buckets) and a second core doubles the misses in flight:
-  // 10M random 64-bit codes, k=10, 2 threads sharing from the start: 1.65x faster than one
-  // thread (median of per-query ratios, interleaved), despite waking the other thread each time.
+  // 10M random 64-bit codes, 2 threads sharing from the start against the calling thread alone:
+  // 1.37x (k=1), 1.33x (k=10), 1.18x (k=100) faster (medians of per-query ratios, interleaved),
+  // despite waking the other thread each time.
   const int parts = int(std::max<int64_t>(1, threads / p.nq));
   // A lone query starts on the calling thread alone and calls the others in only if it is still
   // running after serial_start_us: most queries on clustered codes end sooner than waking another
-  // thread and agreeing with it on when to stop would pay for. The default 20 us against sharing
-  // from the start (in-process A/B, 2 threads, k=10): 10M random 64-bit codes 1.14-1.19x, 10M
-  // LSH-clustered about 2x, fashion-cnn 1M 1.7-1.9x; 10 and 40 us measured no better.
+  // thread and agreeing with it on when to stop would pay for. Against sharing from the start
+  // (in-process A/B, 2 threads, k=10 unless said), 20 us: 10M random 64-bit codes 1.14x (1.09x at
+  // k=100), fashion-cnn 1M 1.88x; 15 and 30 us: random 1.26x and 1.19x, 10M LSH-clustered 2.0x
+  // and 2.2x, fashion-cnn 1.47x and 1.65x; 10 us: random 1.26x, fashion-cnn 1.45x; 40 us:
+  // random 0.94x, fashion-cnn 1.71x.
   const auto serial_for = std::chrono::microseconds(std::max(0, p.serial_start_us));
 
   struct Shared {
