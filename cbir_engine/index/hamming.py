@@ -281,7 +281,7 @@ class HammingIndex:
             return self._method == "mih"
         # Multi-index hashing wins when its substrings are selective: short codes, millions of
         # them, few results. Measured on a 2-core Zen 4 (bench/bench_hamming.py,
-        # bench/results/hamming.csv), 10M 64-bit codes, k=10: 11-14x the flat scan one query at a
+        # bench/results/hamming.csv), 10M 64-bit codes, k=10: 10-14x the flat scan one query at a
         # time and 3.4x in batches of 1000 on random codes, 44-102x on clustered (LSH-like) ones;
         # at 1M codes the flat scan (L3-resident) is about as fast in batches, and for 128-bit
         # and longer random codes the probes reach too much of the database.
