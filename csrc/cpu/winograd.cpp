@@ -176,7 +176,6 @@ WinogradTiling winograd_tiling(const Conv2dParams& p, int out_tile, int position
 }
 
 GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t tiles, const float* v, float* m) {
-  const int64_t padded = (tiles + NR - 1) / NR * NR;
   GemmParams g;
   g.M = p.K;
   g.N = int(tiles);
@@ -185,16 +184,17 @@ GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t til
   g.a_packed = p.w;
   g.a_packed_bs = int64_t(packed_a_floats(p.K, p.C));
   g.b_packed = v;
-  g.b_packed_bs = int64_t(p.C) * padded;
+  g.b_packed_bs = winograd_v_stride(p, tiles);
   g.c = m;
   g.ldc = tiles;
-  g.c_bs = int64_t(p.K) * tiles;
+  g.c_bs = winograd_m_stride(p, tiles);
   return g;
 }
 
 size_t winograd_workspace_floats_for(const Conv2dParams& p, int out_tile, int positions) {
   const WinogradTiling t = winograd_tiling(p, out_tile, positions);
-  return size_t(positions) * size_t(p.C + p.K) * size_t(t.chunk_padded);  // V and M of one chunk
+  // V and M of one chunk (the strides only grow with the tile count)
+  return size_t(positions) * size_t(winograd_v_stride(p, t.chunk) + winograd_m_stride(p, t.chunk_padded));
 }
 
 size_t winograd_scratch_floats_for(const Conv2dParams& p, int out_tile, int positions, int threads) {
@@ -212,13 +212,13 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
   const WinogradTiling t = winograd_tiling(p, 4, XI);
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   float* V = workspace;                                    // [36][tiles/16][C][16]
-  float* M = workspace + size_t(XI) * p.C * t.chunk_padded;    // [36][K][tiles]
+  float* M = workspace + size_t(XI) * winograd_v_stride(p, t.chunk);  // [36][K][tiles]
 
   for (int64_t t0 = 0; t0 < t.total; t0 += t.chunk) {
     const int64_t tiles = std::min(t.chunk, t.total - t0);
     const int64_t padded = (tiles + NR - 1) / NR * NR;
     const int64_t groups = padded / 8;  // 8 tiles per SIMD group; the padding tiles are zeros
-    const int64_t xi_stride = int64_t(p.C) * padded;
+    const int64_t xi_stride = winograd_v_stride(p, tiles), m_stride = winograd_m_stride(p, tiles);
     // 1. Input transform, 8 tiles per step, straight into packed-B panels (tasks: see
     // run_transform_tasks). Where each tile's 6x6 patch starts:
     struct TilePos {
@@ -284,10 +284,10 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
       const float* src = M + int64_t(k) * tiles + g * 8;
       V8 m[XI];
       if (lanes == 8) {
-        for (int xi = 0; xi < XI; ++xi) m[xi] = _mm256_loadu_ps(src + int64_t(xi) * p.K * tiles);
+        for (int xi = 0; xi < XI; ++xi) m[xi] = _mm256_loadu_ps(src + xi * m_stride);
       } else {
         const __m256i mask = simd::tail_mask(lanes);
-        for (int xi = 0; xi < XI; ++xi) m[xi] = _mm256_maskload_ps(src + int64_t(xi) * p.K * tiles, mask);
+        for (int xi = 0; xi < XI; ++xi) m[xi] = _mm256_maskload_ps(src + xi * m_stride, mask);
       }
       V8 yv[4][4];
       output_transform8(m, yv);

@@ -83,6 +83,23 @@ void run_transform_tasks(Parallel& par, int64_t groups, int channels, Fill&& fil
   par.run(runs * ((groups + 1) / 2), task);
 }
 
+// Floats from one transformed plane (V or M of one position) to the next: `floats` rounded up to
+// an odd number of 64-byte lines. A transform step touches all 36 (or 16) planes at one offset;
+// with plane sizes that are multiples of 4 KiB (256 channels x 16 tiles, 128 x 64, 64 x 208)
+// those accesses all fell in one L1 set.
+inline int64_t winograd_plane_stride(int64_t floats) {
+  int64_t lines = (floats + 15) / 16;
+  if (lines % 2 == 0) ++lines;
+  return lines * 16;
+}
+// A chunk's transformed input V holds plane xi (C x tiles rounded up to whole panels) at
+// V + xi * v_stride; its GEMM output M holds plane xi (K x tiles) at M + xi * m_stride.
+inline int64_t winograd_v_stride(const Conv2dParams& p, int64_t tiles) {
+  return winograd_plane_stride(int64_t(p.C) * ((tiles + kGemmNR - 1) / kGemmNR * kGemmNR));
+}
+inline int64_t winograd_m_stride(const Conv2dParams& p, int64_t tiles) {
+  return winograd_plane_stride(int64_t(p.K) * tiles);
+}
 // The chunk's batched GEMMs M[xi] (K x tiles) = U[xi] (K x C) * V[xi] (C x tiles).
 GemmParams winograd_chunk_gemm(const Conv2dParams& p, int positions, int64_t tiles, const float* v, float* m);
 size_t winograd_workspace_floats_for(const Conv2dParams& p, int out_tile, int positions);

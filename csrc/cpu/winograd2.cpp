@@ -62,13 +62,13 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
   const WinogradTiling t = winograd_tiling(p, 2, XI);
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   float* V = workspace;                                  // [16][tiles/16][C][16] (packed B)
-  float* M = workspace + size_t(XI) * p.C * t.chunk_padded;  // [16][K][tiles]
+  float* M = workspace + size_t(XI) * winograd_v_stride(p, t.chunk);  // [16][K][tiles]
 
   for (int64_t t0 = 0; t0 < t.total; t0 += t.chunk) {
     const int64_t tiles = std::min(t.chunk, t.total - t0);
     const int64_t padded = (tiles + NR - 1) / NR * NR;
     const int64_t groups = padded / 8;
-    const int64_t xi_stride = int64_t(p.C) * padded;
+    const int64_t xi_stride = winograd_v_stride(p, tiles), m_stride = winograd_m_stride(p, tiles);
     // 1. Input transform, 8 tiles per step, written into packed-B panels (tasks: see
     //    run_transform_tasks); each patch row is one masked load (zeros outside).
     struct TilePos {
@@ -130,7 +130,7 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
       alignas(32) float buf[8];
       __m256 m[XI];
       for (int xi = 0; xi < XI; ++xi) {
-        const float* s = src + int64_t(xi) * p.K * tiles;
+        const float* s = src + xi * m_stride;
         if (lanes == 8) {
           m[xi] = _mm256_loadu_ps(s);
         } else {
