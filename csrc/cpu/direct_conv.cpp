@@ -368,21 +368,31 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   const int narrow = out_cols / row_tiles, wide_tiles = out_cols % row_tiles;
   // The tile's instruction set follows the GEMM's (gemm_isa(): AVX-512F where the CPU has it).
   const bool wide = gemm_uses_avx512();
+  // With AVX-512, tiles of at most 4 pixels (rows up to 8 wide: 7x7 and 8x8 outputs) take two
+  // blocks of output channels per task (run_tile2_avx512: each broadcast feeds two FMAs), where
+  // that still leaves 4 tasks a thread. Measured (2 threads, A/B): a stride-2 512->512 3x3 conv
+  // with 7x7 outputs (tiles of 4 + 3) 0.91x the time; with 5- and 6-pixel tiles (14-wide rows,
+  // 1x1 convs at 7x7) 1.01-1.04x, so those keep one block; and 1.19x for a 64->96 5x5 conv at
+  // 8x8, whose 6 blocks made 3 tasks for 2 threads.
+  const int widest_tile = narrow + (wide_tiles > 0 ? 1 : 0);
+  const int per_task = wide && widest_tile <= 4 && int64_t(p.N) * (blocks / 2) * chunks >= 4 * par.threads() ? 2 : 1;
+  const int groups = int(ceil_div64(blocks, per_task));
   auto work = [&](int64_t task, int) {
-    const int64_t n = task / (int64_t(blocks) * chunks);
-    const int kb = int(task / chunks % blocks), chunk = int(task % chunks);
+    const int64_t n = task / (int64_t(groups) * chunks);
+    const int kb = int(task / chunks % groups) * per_task, chunk = int(task % chunks);
+    const int nb = std::min(per_task, blocks - kb);
     const float* w = p.w + kb * wblock;
     const float* xn = workspace + n * image_floats;
     float* yn = p.y + n * int64_t(p.K) * ohw;
     const float* rn = p.residual ? p.residual + n * int64_t(p.K) * ohw : nullptr;
-    const int k0 = kb * CB, kn = std::min(CB, p.K - k0);
+    const int k0 = kb * CB;
     const int oy0 = chunk * rows, oy1 = std::min(out_rows, (chunk + 1) * rows);
     thread_local std::vector<float> sums_store;
-    sums_store.resize(size_t(oy1 - oy0) * size_t(row_tiles) * kMaxPixels * CB);
-    auto* sums = reinterpret_cast<float(*)[kMaxPixels][CB]>(sums_store.data());
+    const int task_tiles = (oy1 - oy0) * row_tiles;
+    sums_store.resize(size_t(nb) * size_t(task_tiles) * kMaxPixels * CB);
+    auto* sums = reinterpret_cast<float(*)[kMaxPixels][CB]>(sums_store.data());  // block kb, then kb + 1
     // Each weight is used by only this task's pixels (49 of them at 7x7), so the weights stream
     // from memory: the next slice is prefetched while this one runs, spread over the tiles.
-    const int task_tiles = (oy1 - oy0) * row_tiles;
     const int64_t lines_per_tile = ceil_div64(kSliceSteps * CB / 16, task_tiles);
     for (int64_t s0 = 0; s0 < steps; s0 += kSliceSteps) {
       const int64_t s1 = std::min(steps, s0 + kSliceSteps);
@@ -396,28 +406,39 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
           for (int64_t line = tile_no * lines_per_tile; line < std::min(next_lines, (tile_no + 1) * lines_per_tile);
                ++line)
             _mm_prefetch(reinterpret_cast<const char*>(next + line * 16), _MM_HINT_T0);
+          if (nb == 2)
+            for (int64_t line = tile_no * lines_per_tile; line < std::min(next_lines, (tile_no + 1) * lines_per_tile);
+                 ++line)
+              _mm_prefetch(reinterpret_cast<const char*>(next + wblock + line * 16), _MM_HINT_T0);
           const int ox = ti * narrow + std::min(ti, wide_tiles), mr = narrow + (ti < wide_tiles ? 1 : 0);
           const float* x = xrow + int64_t(ox) * sw * l.cs;
           float(*out)[CB] = sums[(oy - oy0) * row_tiles + ti];
+          float(*out2)[CB] = nb == 2 ? sums[task_tiles + (oy - oy0) * row_tiles + ti] : nullptr;
           // This slice's share of the row's valid steps; the first valid step starts the sums.
           const int64_t a0 = std::max(s0, v0), a1 = std::min(s1, v1);
           if (a0 < a1) {
-            if (wide) direct_detail::run_tile_avx512(mr, x, sw, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
+            if (nb == 2)
+              direct_detail::run_tile2_avx512(mr, x, sw, l.cs, tap, chans, w, wblock, a0, a1, a0 > v0, out, out2);
+            else if (wide) direct_detail::run_tile_avx512(mr, x, sw, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
             else if (sw == 1) run_tile<1>(mr, x, 1, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
             else if (sw == 2) run_tile<2>(mr, x, 2, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
             else run_tile<0>(mr, x, sw, l.cs, tap, chans, w, a0, a1, a0 > v0, out);
           }
           if (s1 == steps) {
-            if (v0 >= v1) std::fill_n(&out[0][0], kMaxPixels * CB, 0.0f);  // the row sees only padding
             // A transposed copy's tile runs down an output column: its pixels are OW apart.
             const int64_t pix = l.transposed ? int64_t(ox) * p.OW + oy : int64_t(oy) * out_cols + ox;
-            store_tile(p, out, mr, k0, kn, pix, l.transposed ? p.OW : 1, ohw, yn, rn);
+            if (v0 >= v1) std::fill_n(&out[0][0], kMaxPixels * CB, 0.0f);  // the row sees only padding
+            store_tile(p, out, mr, k0, std::min(CB, p.K - k0), pix, l.transposed ? p.OW : 1, ohw, yn, rn);
+            if (nb == 2) {
+              if (v0 >= v1) std::fill_n(&out2[0][0], kMaxPixels * CB, 0.0f);
+              store_tile(p, out2, mr, k0 + CB, std::min(CB, p.K - k0 - CB), pix, l.transposed ? p.OW : 1, ohw, yn, rn);
+            }
           }
         }
       }
     }
   };
-  par.run(int64_t(p.N) * blocks * chunks, work);
+  par.run(int64_t(p.N) * groups * chunks, work);
 }
 
 }  // namespace cbir::cpu

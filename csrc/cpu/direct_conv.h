@@ -32,6 +32,10 @@ namespace direct_detail {
 // the reduction steps [s0, s1), as the AVX2 tile in direct_conv.cpp. Only where the CPU has it.
 void run_tile_avx512(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w,
                      int64_t s0, int64_t s1, bool accumulate, float out[kDirectMaxPixels][kDirectCoutBlock]);
+// The same for two blocks of 16 output channels, `wnext` floats apart in the packed weights.
+void run_tile2_avx512(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w,
+                      int64_t wnext, int64_t s0, int64_t s1, bool accumulate,
+                      float out[kDirectMaxPixels][kDirectCoutBlock], float out2[kDirectMaxPixels][kDirectCoutBlock]);
 }  // namespace direct_detail
 
 }  // namespace cbir::cpu

@@ -71,6 +71,69 @@ void tile(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const 
   if constexpr (MR > 5) _mm512_storeu_ps(out[5], a5);
 }
 
+// Two blocks of 16 output channels at once (blocks `wnext` floats apart in the packed weights):
+// each broadcast input value feeds two FMAs, so a step is 2 weight loads and MR broadcasts for
+// 2 x MR FMAs. With one block, a tile of 3 or 4 pixels (7- and 14-wide output rows) spends about
+// as many load slots as FMAs, and the loads, not the FMAs, set the pace.
+template <int MR, int SW_T>
+void tile2(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w, int64_t wnext,
+           int64_t s0, int64_t s1, bool accumulate, float out[kDirectMaxPixels][CB],
+           float out2[kDirectMaxPixels][CB]) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+  __m512 c0 = a0, c1 = a0, c2 = a0, c3 = a0, c4 = a0, c5 = a0;
+  if (accumulate) {
+    a0 = _mm512_loadu_ps(out[0]), c0 = _mm512_loadu_ps(out2[0]);
+    if constexpr (MR > 1) a1 = _mm512_loadu_ps(out[1]), c1 = _mm512_loadu_ps(out2[1]);
+    if constexpr (MR > 2) a2 = _mm512_loadu_ps(out[2]), c2 = _mm512_loadu_ps(out2[2]);
+    if constexpr (MR > 3) a3 = _mm512_loadu_ps(out[3]), c3 = _mm512_loadu_ps(out2[3]);
+    if constexpr (MR > 4) a4 = _mm512_loadu_ps(out[4]), c4 = _mm512_loadu_ps(out2[4]);
+    if constexpr (MR > 5) a5 = _mm512_loadu_ps(out[5]), c5 = _mm512_loadu_ps(out2[5]);
+  }
+  const int64_t step = (SW_T > 0 ? SW_T : sw) * cs;
+  auto pixel = [](const float* xp, __m512 w0, __m512 w1, __m512& acc0, __m512& acc1) {
+    const __m512 xb = _mm512_set1_ps(*xp);
+    acc0 = _mm512_fmadd_ps(xb, w0, acc0), acc1 = _mm512_fmadd_ps(xb, w1, acc1);
+  };
+  int64_t t = s0 / C;
+  int c = int(s0 % C);
+  w += s0 * CB;
+  for (int64_t s = s0; s < s1; ++t, c = 0) {
+    const float* xt = x + taps[t];
+    const int end = int(std::min<int64_t>(C, c + (s1 - s)));
+    s += end - c;
+    for (; c < end; ++c, w += CB) {
+      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + wnext);
+      const float* xc = xt + c;
+      pixel(xc, w0, w1, a0, c0);
+      if constexpr (MR > 1) pixel(xc + step, w0, w1, a1, c1);
+      if constexpr (MR > 2) pixel(xc + 2 * step, w0, w1, a2, c2);
+      if constexpr (MR > 3) pixel(xc + 3 * step, w0, w1, a3, c3);
+      if constexpr (MR > 4) pixel(xc + 4 * step, w0, w1, a4, c4);
+      if constexpr (MR > 5) pixel(xc + 5 * step, w0, w1, a5, c5);
+    }
+  }
+  _mm512_storeu_ps(out[0], a0), _mm512_storeu_ps(out2[0], c0);
+  if constexpr (MR > 1) _mm512_storeu_ps(out[1], a1), _mm512_storeu_ps(out2[1], c1);
+  if constexpr (MR > 2) _mm512_storeu_ps(out[2], a2), _mm512_storeu_ps(out2[2], c2);
+  if constexpr (MR > 3) _mm512_storeu_ps(out[3], a3), _mm512_storeu_ps(out2[3], c3);
+  if constexpr (MR > 4) _mm512_storeu_ps(out[4], a4), _mm512_storeu_ps(out2[4], c4);
+  if constexpr (MR > 5) _mm512_storeu_ps(out[5], a5), _mm512_storeu_ps(out2[5], c5);
+}
+
+template <int SW_T>
+void dispatch2(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w,
+               int64_t wnext, int64_t s0, int64_t s1, bool accumulate, float out[kDirectMaxPixels][CB],
+               float out2[kDirectMaxPixels][CB]) {
+  switch (mr) {
+    case 1: tile2<1, SW_T>(x, sw, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2); break;
+    case 2: tile2<2, SW_T>(x, sw, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2); break;
+    case 3: tile2<3, SW_T>(x, sw, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2); break;
+    case 4: tile2<4, SW_T>(x, sw, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2); break;
+    case 5: tile2<5, SW_T>(x, sw, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2); break;
+    default: tile2<6, SW_T>(x, sw, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2); break;
+  }
+}
+
 template <int SW_T>
 void dispatch(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w,
                           int64_t s0, int64_t s1, bool accumulate, float out[kDirectMaxPixels][CB]) {
@@ -91,6 +154,14 @@ void run_tile_avx512(int mr, const float* x, int sw, int64_t cs, const int32_t* 
   if (sw == 1) dispatch<1>(mr, x, 1, cs, taps, C, w, s0, s1, accumulate, out);
   else if (sw == 2) dispatch<2>(mr, x, 2, cs, taps, C, w, s0, s1, accumulate, out);
   else dispatch<0>(mr, x, sw, cs, taps, C, w, s0, s1, accumulate, out);
+}
+
+void run_tile2_avx512(int mr, const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w,
+                      int64_t wnext, int64_t s0, int64_t s1, bool accumulate,
+                      float out[kDirectMaxPixels][kDirectCoutBlock], float out2[kDirectMaxPixels][kDirectCoutBlock]) {
+  if (sw == 1) dispatch2<1>(mr, x, 1, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2);
+  else if (sw == 2) dispatch2<2>(mr, x, 2, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2);
+  else dispatch2<0>(mr, x, sw, cs, taps, C, w, wnext, s0, s1, accumulate, out, out2);
 }
 
 }  // namespace cbir::cpu::direct_detail
