@@ -32,7 +32,9 @@ CASES = [
     (1, 300, 3, 5, 1023, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),  # long reduction (several slices)
     (1, 64, 1, 1, 16, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
     (1, 130, 9, 9, 18, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 9-wide rows: 5 + 4
-    (1, 24, 9, 9, 70, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),  # 5 channel blocks: 2 pairs + 1 (K tail)
+    # 7x7 outputs (tiles of 4 + 3), 9 channel blocks, 2 images: with AVX-512 and 2 threads, 4 pairs
+    # of blocks and a single one with a K tail
+    (2, 24, 14, 14, 140, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
     # pixels exactly C floats apart (C an odd number of 16-float lines): kernel rows merged
     (2, 48, 11, 11, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     (1, 16, 17, 17, 16, (1, 7), (1, 1), (0, 3, 0, 3), (1, 1)),
