@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,12 @@ __all__ = ["HammingIndex"]
 _METHODS = ("auto", "flat", "mih")
 _ASCENDING_CHECK_CHUNK = 1 << 20
 _MIH_MAX_SUBSTRING_BITS = 24  # kMihMaxSubstringBits in csrc/cpu/mih.h
+# "auto" k-NN: multi-index hashing without a trial from _AUTO_MIH_CODES codes on; between
+# _AUTO_TRIAL_CODES and that, a trial on the first search decides (see _mih_trial).
+_AUTO_MIH_CODES = 1 << 22
+_AUTO_TRIAL_CODES = 1_000_000
+_AUTO_TRIAL_QUERIES = 8
+_AUTO_TRIAL_MARGIN = 1.25  # MIH must be this much faster to be kept (its tables cost memory)
 
 
 def _as_count(value: Any, name: str) -> int:
@@ -55,7 +62,11 @@ class HammingIndex:
             ones 8 * ceil(bits / 64));
             "auto" uses multi-index hashing where it measured faster (codes of at most 64 bits,
             at least 4M of them, k <= 256; tables built on the first such search) and the flat
-            scan otherwise.
+            scan otherwise. From 1M to 4M codes the first k-NN search after a change tries both
+            on up to 8 of its queries, one at a time, and keeps multi-index hashing only where it
+            ran at least 1.25x faster: codes with structure (learned hash codes, LSH of clustered
+            data) gain 3-8x there, uniformly random ones nothing, and the tables are dropped
+            again. `last_method` says which ran.
         threads: CPU threads this index owns (None: every CPU this process may use).
         device: "cpu", or "cuda" / "cuda:N" to search on an NVIDIA GPU (needs torch with CUDA and
             triton, or nvcc for `gpu_backend="cuda"`); the codes stay on the CPU too.
@@ -116,6 +127,7 @@ class HammingIndex:
         self._ids_ascending = True
         self._mapped = False
         self._mih: Any = None  # _C.MihTables, built on first use after a change
+        self._auto_mih: bool | None = None  # the trial's verdict for the codes held now
         self._gpu: Any = None  # gpu.GpuCodes, uploaded on first use after a change
         self._last_method = ""
 
@@ -270,6 +282,7 @@ class HammingIndex:
 
     def _changed(self) -> None:
         self._mih = None
+        self._auto_mih = None
         self._gpu = None
 
     # ---- search ----
@@ -283,14 +296,48 @@ class HammingIndex:
         # them, few results. Measured on a 2-core Zen 4 (bench/bench_hamming.py,
         # bench/results/hamming.csv), 10M 64-bit codes, k=10: 10-14x the flat scan one query at a
         # time and 3.4x in batches of 1000 on random codes, 44-102x on clustered (LSH-like) ones;
-        # at 1M codes the flat scan (L3-resident) is about as fast in batches, and for 128-bit
-        # and longer random codes the probes reach too much of the database.
-        if self._bits > 64 or self._n < (1 << 22):
+        # for 128-bit and longer random codes the probes reach too much of the database. From 1M
+        # to 4M codes it depends on the codes (1.1x on random ones, 5.2x on LSH-clustered ones
+        # at 1M, one query at a time), so a trial decides k-NN searches there (_mih_trial).
+        if self._bits > 64:
             return False
+        if self._n < _AUTO_MIH_CODES:
+            return radius is None and bool(self._auto_mih) and k is not None and k <= 256
         if radius is not None:
             return radius <= self._bits // 4
         assert k is not None
         return k <= 256
+
+    def _trial_due(self, k: int) -> bool:
+        return (
+            self._method == "auto"
+            and self._auto_mih is None
+            and self._bits <= 64
+            and _AUTO_TRIAL_CODES <= self._n < _AUTO_MIH_CODES
+            and k <= 256
+        )
+
+    def _mih_trial(self, q: np.ndarray, k: int, ids: np.ndarray) -> None:
+        """Times multi-index hashing against the flat scan on the first queries, one at a time
+        and alternating, and records which to use until the codes change. How much MIH gains
+        below 4M codes depends on how the codes are spread, which only a search shows: at 1M
+        64-bit codes, k=10, one query at a time (2-core Zen 4), it ran 1.1x the flat scan on
+        uniformly random codes and 5.2x on LSH-clustered ones."""
+        tables = self._mih_tables()
+        codes = self._codes[: self._n]
+        spent_mih = spent_flat = 0.0
+        for row in q[:_AUTO_TRIAL_QUERIES]:
+            one = row[None, :]
+            t0 = time.perf_counter()
+            _C.mih_knn(self._threads, tables, ids, self._ids_ascending, one, k)
+            t1 = time.perf_counter()
+            _C.hamming_knn(self._threads, codes, ids, self._ids_ascending, one, k)
+            t2 = time.perf_counter()
+            spent_mih += t1 - t0
+            spent_flat += t2 - t1
+        self._auto_mih = spent_mih * _AUTO_TRIAL_MARGIN < spent_flat
+        if not self._auto_mih:
+            self._mih = None  # its memory back
 
     def _mih_tables(self) -> Any:
         if self._mih is None:
@@ -321,6 +368,8 @@ class HammingIndex:
                 self._last_method = "gpu"
                 return self._gpu_codes().search(q, k)
             ids = self._ids[: self._n]
+            if self._trial_due(k):
+                self._mih_trial(q, k, ids)
             if self._use_mih(nq, k):
                 self._last_method = "mih"
                 d, i, _ = _C.mih_knn(self._threads, self._mih_tables(), ids, self._ids_ascending, q, k)
