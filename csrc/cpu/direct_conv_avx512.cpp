@@ -73,8 +73,9 @@ void tile(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const 
 
 // Two blocks of 16 output channels at once (blocks `wnext` floats apart in the packed weights):
 // each broadcast input value feeds two FMAs, so a step is 2 weight loads and MR broadcasts for
-// 2 x MR FMAs. With one block, a tile of 3 or 4 pixels (7- and 14-wide output rows) spends about
-// as many load slots as FMAs, and the loads, not the FMAs, set the pace.
+// 2 x MR FMAs. With one block, a tile of 3 or 4 pixels (7- and 8-wide output rows) spends about
+// as many load slots as FMAs, and the loads, not the FMAs, set the pace. No odd-channel split:
+// 2 x MR chains cover the FMA latency, so for MR <= 3 the sums' order differs from the AVX2 tile's.
 template <int MR, int SW_T>
 void tile2(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const float* w, int64_t wnext,
            int64_t s0, int64_t s1, bool accumulate, float out[kDirectMaxPixels][CB],
