@@ -70,7 +70,11 @@ def direct_pays(c: int, k: int, kh: int, kw: int, sh: int, sw: int, oh: int, ow:
     Once the GEMM prefetched its output and residual rows, a stride-2 1x1 with a 14x14 output
     (ResNet's 512->1024 projection) ran 1.05x (batch 1) and 1.14x (batch 8, 2 threads) longer
     direct than as a GEMM, whose strided gather is a plain copy of every other pixel; at 7x7
-    outputs direct still wins (0.79).
+    outputs direct still wins (0.79). Remeasured after the direct kernel's epilogue went to
+    vectors and its tiles of at most 4 pixels took two channel blocks (AVX-512), stride-2 3x3
+    convs whose outputs fill the panels, here sent to the GEMM: 128->128 at 56x56 (28x28 out)
+    0.92 at 1 thread, 0.965 at batch 1 and 1.024 at batch 8 on 2 threads; 192->320 at 17x17
+    (8x8 out) 0.98, 0.919 and 0.950. The sign turns with the batch, so the rule is unchanged.
     """
     if c < 16 or k < 16:  # the stem's 3 input channels: a copy and a short reduction per tap
         return False
