@@ -41,18 +41,27 @@ PAD_MODE = {"constant": 0, "reflect": 1, "edge": 2, "wrap": 3}
 CONV_METHOD = {"gemm": 0, "depthwise": 1, "winograd": 2, "winograd_f2": 3, "direct": 4}
 
 
-def winograd_method(c: int, k: int, oh: int, ow: int) -> str | None:
-    """The Winograd variant that beats the GEMM path for a 3x3 stride-1 conv, if any. Both need
-    enough channels to amortise the transforms. F(4x4,3x3) needs enough 4x4 tiles per image to
-    fill the GEMMs; on planes too small for it, F(2x2,3x3) still gives at least 4 tiles an image
-    from 4x4 up, with 16 products per tile in place of 36 per 2x2 outputs."""
+def winograd_method(c: int, k: int, oh: int, ow: int, n: int = 1) -> str | None:
+    """The Winograd variant that beats the GEMM path for a 3x3 stride-1 conv of a batch of n, if
+    any. Both need enough channels to amortise the transforms. F(4x4,3x3) needs 16 or more 4x4
+    tiles over the batch to fill its GEMMs and to amortise its transformed weights (36 per
+    filter); with fewer, F(2x2,3x3) still gives at least 4 tiles an image from 4x4 up, with 16
+    products per tile in place of 36 per 2x2 outputs. Measured (2 threads, Zen 4), F(2x2) time /
+    F(4x4) time: 512->512 at 7x7 0.51 (batch 1, 4 tiles), 0.93 (batch 2), 1.44 (batch 4), 1.49
+    (batch 8); 448->384 at 8x8 0.54, 0.97, 1.60, 1.61; 128->32 at 7x7 0.72 (batch 1), 1.64
+    (batch 4), 1.69 (batch 8); 256->256 at 14x14, batch 1 (16 tiles): 1.53."""
     if c < 16 or k < 16:
         return None
     if oh >= 12 and ow >= 12:
         return "winograd"
     if 4 <= oh < 12 and 4 <= ow < 12:
-        return "winograd_f2"
+        return "winograd" if n * -(-oh // 4) * -(-ow // 4) >= 16 else "winograd_f2"
     return None
+
+
+def winograd_depends_on_batch(c: int, k: int, oh: int, ow: int) -> bool:
+    """Whether winograd_method picks another tile size for another batch size."""
+    return winograd_method(c, k, oh, ow, 1) != winograd_method(c, k, oh, ow, 1 << 20)
 
 
 def direct_pays(c: int, k: int, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int) -> bool:
@@ -300,7 +309,11 @@ class Lowering:
             method = "depthwise"
         elif (self.winograd and w_const is not None
               and (kh, kw, sh, sw, dh, dw, group) == (3, 3, 1, 1, 1, 1, 1)):
-            method = winograd_method(C, K, y4[2], y4[3]) or "gemm"
+            method = winograd_method(C, K, y4[2], y4[3], y4[0]) or "gemm"
+            if winograd_depends_on_batch(C, K, y4[2], y4[3]) and w_name not in self.packed_only:
+                # Another batch size takes the other tile size: keep the raw weight (in memory
+                # and in saved plans) to pack it from.
+                self.raw_constants.add(w_name)
         if (method == "gemm" and w_const is not None and group == 1 and not node.input(4)
                 and direct_pays(C, K, kh, kw, sh, sw, y4[2], y4[3])):
             method = "direct"
@@ -318,7 +331,17 @@ class Lowering:
                 "gemm": (f"conv_g{group}", lambda w: _C.pack_conv2d_weight(w, group)),
             }[method]
             w4 = np.asarray(w_const.reshape(w_raw_shape), np.float32, order="C")
-            w_op = self.packed(w_name, kind, lambda: pack(w4))
+            try:
+                w_op = self.packed(w_name, kind, lambda: pack(w4))
+            except PlanFileError:
+                # A plan saved with only the other Winograd packing (and no raw weight) still
+                # runs every batch size, with the tile size it has.
+                if method not in ("winograd", "winograd_f2"):
+                    raise
+                method = "winograd_f2" if method == "winograd" else "winograd"
+                kind, pack = {"winograd": ("winograd_f4x3", _C.pack_winograd_weight),
+                              "winograd_f2": ("winograd_f2x3", _C.pack_winograd2_weight)}[method]
+                w_op = self.packed(w_name, kind, lambda: pack(w4))
             prepacked = 1
         act, act_a, act_b = epilogue_activation(node)
         ints = [kh, kw, sh, sw, pt, pl, dh, dw, group, act, CONV_METHOD[method], prepacked]

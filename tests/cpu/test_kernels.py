@@ -421,9 +421,12 @@ WINOGRAD_CASES = [
     (1, 300, 14, 13, 20, [1, 1, 1, 1]),  # input channels span two K blocks of the GEMMs
     # F(2x2,3x3) on small planes: odd sizes (partial 2x2 tiles), batch, several K blocks
     (1, 64, 7, 7, 64, [1, 1, 1, 1]),
-    (3, 17, 9, 5, 23, [1, 1, 1, 1]),
+    (2, 17, 9, 5, 23, [1, 1, 1, 1]),
     (2, 300, 8, 8, 16, [0, 1, 2, 1]),
     (1, 16, 6, 13, 59, [0, 0, 0, 0]),
+    # small planes whose batch gives F(4x4,3x3) 16 tiles or more: partial 4x4 tiles
+    (3, 17, 9, 5, 23, [1, 1, 1, 1]),
+    (4, 32, 7, 7, 24, [1, 1, 1, 1]),
 ]
 
 
@@ -455,7 +458,9 @@ def test_winograd_conv3x3(case, fused: bool) -> None:
     wino = cbir_engine.load(model.SerializeToString())
     gemm = cbir_engine.load(model.SerializeToString(), winograd=False)
     plan = wino.plan_for({k_: v.shape for k_, v in feeds.items()})
-    small = min(h + pads[0] + pads[2], w + pads[1] + pads[3]) - 2 < 12
+    oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
+    # F(2x2) on small planes unless the batch gives F(4x4) 16 tiles or more
+    small = min(oh, ow) < 12 and n * -(-oh // 4) * -(-ow // 4) < 16
     assert plan.steps[0].label.startswith("conv2d/winograd_f2 " if small else "conv2d/winograd ")
     assert ("+residual +relu" in plan.steps[0].label) == fused
     got, base = wino.run(feeds)[out], gemm.run(feeds)[out]
