@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/direct_steps.h"
 #include "cpu/simd.h"
 
 namespace cbir::cpu {
@@ -66,18 +67,13 @@ inline void tile(const float* x, int sw, int64_t cs, const int32_t* taps, int C,
     if constexpr (MR > 2) fma_pixel(b20, b21, xt + 2 * step, w0, w1);
   };
   // Channels are contiguous per pixel (the NHWC copy), so each pixel is one sequential stream.
-  int64_t t = s0 / C;
-  int c = int(s0 % C);
   w += s0 * CB;
-  for (int64_t s = s0; s < s1; ++t, c = 0) {
-    const float* xt = x + taps[t];
-    const int end = int(std::min<int64_t>(C, c + (s1 - s)));
-    s += end - c;
+  direct_detail::for_each_tap_run(x, taps, C, s0, s1, [&](const float* xt, int c, int end) {
     if constexpr (MR <= 3) {
       for (; c + 2 <= end; c += 2, w += 2 * CB) fma_step(xt + c, w), fma_odd(xt + c + 1, w + CB);
     }
     for (; c < end; ++c, w += CB) fma_step(xt + c, w);
-  }
+  });
   if constexpr (MR <= 3) {
     a00 = _mm256_add_ps(a00, b00), a01 = _mm256_add_ps(a01, b01);
     a10 = _mm256_add_ps(a10, b10), a11 = _mm256_add_ps(a11, b11);

@@ -14,6 +14,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 
+#include "cpu/direct_steps.h"  // after the pragma: the walk inlines into the AVX-512 tiles
+
 namespace cbir::cpu::direct_detail {
 namespace {
 
@@ -50,18 +52,13 @@ void tile(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const 
     if constexpr (MR > 1) b1 = _mm512_fmadd_ps(_mm512_set1_ps(xt[step]), wv, b1);
     if constexpr (MR > 2) b2 = _mm512_fmadd_ps(_mm512_set1_ps(xt[2 * step]), wv, b2);
   };
-  int64_t t = s0 / C;
-  int c = int(s0 % C);
   w += s0 * CB;
-  for (int64_t s = s0; s < s1; ++t, c = 0) {
-    const float* xt = x + taps[t];
-    const int end = int(std::min<int64_t>(C, c + (s1 - s)));
-    s += end - c;
+  for_each_tap_run(x, taps, C, s0, s1, [&](const float* xt, int c, int end) {
     if constexpr (MR <= 3) {
       for (; c + 2 <= end; c += 2, w += 2 * CB) fma_step(xt + c, w), fma_odd(xt + c + 1, w + CB);
     }
     for (; c < end; ++c, w += CB) fma_step(xt + c, w);
-  }
+  });
   if constexpr (MR <= 3) a0 = _mm512_add_ps(a0, b0), a1 = _mm512_add_ps(a1, b1), a2 = _mm512_add_ps(a2, b2);
   _mm512_storeu_ps(out[0], a0);
   if constexpr (MR > 1) _mm512_storeu_ps(out[1], a1);
@@ -95,13 +92,8 @@ void tile2(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const
     const __m512 xb = _mm512_set1_ps(*xp);
     acc0 = _mm512_fmadd_ps(xb, w0, acc0), acc1 = _mm512_fmadd_ps(xb, w1, acc1);
   };
-  int64_t t = s0 / C;
-  int c = int(s0 % C);
   w += s0 * CB;
-  for (int64_t s = s0; s < s1; ++t, c = 0) {
-    const float* xt = x + taps[t];
-    const int end = int(std::min<int64_t>(C, c + (s1 - s)));
-    s += end - c;
+  for_each_tap_run(x, taps, C, s0, s1, [&](const float* xt, int c, int end) {
     for (; c < end; ++c, w += CB) {
       const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + wnext);
       const float* xc = xt + c;
@@ -112,7 +104,7 @@ void tile2(const float* x, int sw, int64_t cs, const int32_t* taps, int C, const
       if constexpr (MR > 4) pixel(xc + 4 * step, w0, w1, a4, c4);
       if constexpr (MR > 5) pixel(xc + 5 * step, w0, w1, a5, c5);
     }
-  }
+  });
   _mm512_storeu_ps(out[0], a0), _mm512_storeu_ps(out2[0], c0);
   if constexpr (MR > 1) _mm512_storeu_ps(out[1], a1), _mm512_storeu_ps(out2[1], c1);
   if constexpr (MR > 2) _mm512_storeu_ps(out[2], a2), _mm512_storeu_ps(out2[2], c2);
