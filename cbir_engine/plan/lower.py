@@ -49,7 +49,7 @@ def winograd_method(c: int, k: int, oh: int, ow: int, n: int = 1) -> str | None:
     products per tile in place of 36 per 2x2 outputs. Measured (2 threads, Zen 4), F(2x2) time /
     F(4x4) time: 512->512 at 7x7 0.51 (batch 1, 4 tiles), 0.93 (batch 2), 1.44 (batch 4), 1.49
     (batch 8); 448->384 at 8x8 0.54, 0.97, 1.60, 1.61; 128->32 at 7x7 0.72 (batch 1), 1.64
-    (batch 4), 1.69 (batch 8); 256->256 at 14x14, batch 1 (16 tiles): 1.53."""
+    (batch 4), 1.31-1.69 (batch 8, two runs); 256->256 at 14x14, batch 1 (16 tiles): 1.53."""
     if c < 16 or k < 16:
         return None
     if oh >= 12 and ow >= 12:

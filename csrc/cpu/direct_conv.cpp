@@ -371,7 +371,8 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
   // 1x1 convs at 7x7) 1.01-1.04x, so those keep one block; and 1.19x for a 64->96 5x5 conv at
   // 8x8, whose 6 blocks made 3 tasks for 2 threads.
   const int widest_tile = narrow + (wide_tiles > 0 ? 1 : 0);
-  const int per_task = wide && widest_tile <= 4 && int64_t(p.N) * (blocks / 2) * chunks >= 4 * par.threads() ? 2 : 1;
+  const bool pairs_keep_threads_busy = int64_t(p.N) * (blocks / 2) * chunks >= 4 * par.threads();
+  const int per_task = wide && widest_tile <= 4 && pairs_keep_threads_busy ? 2 : 1;
   const int groups = int(ceil_div64(blocks, per_task));
   auto work = [&](int64_t task, int) {
     const int64_t n = task / (int64_t(groups) * chunks);
@@ -400,12 +401,10 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
         const auto [v0, v1] = valid_steps(oy);
         for (int ti = 0; ti < row_tiles; ++ti, ++tile_no) {
           for (int64_t line = tile_no * lines_per_tile; line < std::min(next_lines, (tile_no + 1) * lines_per_tile);
-               ++line)
+               ++line) {
             _mm_prefetch(reinterpret_cast<const char*>(next + line * 16), _MM_HINT_T0);
-          if (nb == 2)
-            for (int64_t line = tile_no * lines_per_tile; line < std::min(next_lines, (tile_no + 1) * lines_per_tile);
-                 ++line)
-              _mm_prefetch(reinterpret_cast<const char*>(next + wblock + line * 16), _MM_HINT_T0);
+            if (nb == 2) _mm_prefetch(reinterpret_cast<const char*>(next + wblock + line * 16), _MM_HINT_T0);
+          }
           const int ox = ti * narrow + std::min(ti, wide_tiles), mr = narrow + (ti < wide_tiles ? 1 : 0);
           const float* x = xrow + int64_t(ox) * sw * l.cs;
           float(*out)[CB] = sums[(oy - oy0) * row_tiles + ti];
