@@ -174,6 +174,11 @@ GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx, AffineCtx& ac
     actx = AffineCtx{ctx.x, ctx.x_bs, int64_t(p.H) * p.W, p.in_scale + g * Cg, p.in_shift + g * Cg, p.in_relu};
     gp.pack_b_fn = pack_affine_block;
     gp.pack_b_ctx = &actx;
+    // The image it reads, for the GEMM to prefetch.
+    gp.b = ctx.x;
+    gp.b_rs = int64_t(p.H) * p.W;
+    gp.b_cs = 1;
+    gp.b_bs = ctx.x_bs;
   } else if (pointwise) {  // 1x1: the image already is the B matrix
     gp.b = ctx.x;
     gp.b_rs = int64_t(p.H) * p.W;

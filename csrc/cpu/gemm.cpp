@@ -145,6 +145,32 @@ void pack_a_block(const float* a, int64_t rs, int64_t cs, int m0, int mc, int k0
   }
 }
 
+// Software prefetch of a block of a row-major matrix (rows `rows` floats apart, `cols` floats
+// each), a few lines at a time.
+class SourcePrefetch {
+ public:
+  void start(const float* first, int64_t row_stride, int rows, int cols) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(first);
+    row_ = reinterpret_cast<const char*>(a & ~uintptr_t(63));
+    stride_ = row_stride * int64_t(sizeof(float));
+    lines_per_row_ = int((a % 64 + size_t(cols) * sizeof(float) + 63) / 64);
+    rows_left_ = rows;
+    line_ = 0;
+  }
+  int64_t lines_left() const { return rows_left_ > 0 ? int64_t(rows_left_) * lines_per_row_ - line_ : 0; }
+  void issue(int64_t count) {
+    for (; count > 0 && rows_left_ > 0; --count) {
+      __builtin_prefetch(row_ + int64_t(line_) * 64, 0, 1);
+      if (++line_ == lines_per_row_) line_ = 0, row_ += stride_, --rows_left_;
+    }
+  }
+
+ private:
+  const char* row_ = nullptr;
+  int64_t stride_ = 0;
+  int lines_per_row_ = 0, rows_left_ = 0, line_ = 0;
+};
+
 struct Blocking {
   int nc;        // columns per task (multiple of NR)
   int mc;        // rows per task (multiple of MR)
@@ -304,6 +330,7 @@ void run_gemm(const GemmParams& params, Parallel& par) {
   const MicroFn* full = wide ? gemm_detail::avx512_micro() : kMicro;
   const MicroFn* full_fused = wide ? gemm_detail::avx512_micro_fused() : kMicroFused;
   const int64_t tasks = p.batch * bl.n_blocks * bl.m_blocks;
+  const bool prefetch_b = !p.b_packed && p.b && p.b_cs == 1;
 
   auto task = [&](int64_t t, int thread) {
     const int64_t mb = t % bl.m_blocks;
@@ -326,6 +353,19 @@ void run_gemm(const GemmParams& params, Parallel& par) {
     for (int k0 = 0; k0 < p.K; k0 += KC) {
       const int kc = std::min(KC, p.K - k0);
       const bool accumulate = k0 > 0, last = k0 + kc >= p.K;
+      SourcePrefetch next_b;
+      if (prefetch_b) {
+        // The B rows the next block packs: the next k block of this task, or the first of task
+        // t + 1 (a thread claims runs of consecutive tasks). The image is cold in a network, and
+        // the copy would stall on it; fetched during this block's tiles, it is in L2 by then.
+        if (!last) {
+          next_b.start(p.b + bt * p.b_bs + int64_t(k0 + kc) * p.b_rs + n0, p.b_rs, std::min(KC, p.K - k0 - kc), nc);
+        } else if (t + 1 < tasks && mb + 1 == bl.m_blocks) {
+          const int64_t nnb = (nb + 1) % bl.n_blocks, nbt = nnb == 0 ? bt + 1 : bt;
+          const int nn0 = int(nnb * bl.nc);
+          next_b.start(p.b + nbt * p.b_bs + nn0, p.b_rs, std::min(KC, p.K), std::min(bl.nc, p.N - nn0));
+        }
+      }
       // B micro-panels for this block: pointer to the first and the stride between panels.
       const float* bblk;
       int64_t bstride;
@@ -356,8 +396,10 @@ void run_gemm(const GemmParams& params, Parallel& par) {
         // panels stream from L2, and C (and the residual) are walked in short sequential runs.
         const int n_panels = int(ceil_div(nc, NR)), tile_count = n_panels * int(ceil_div(msc, MR));
         auto corner = [n_panels](int it) { return std::pair<int, int>{it / n_panels * MR, it % n_panels * NR}; };
+        const int64_t pf_per_tile = next_b.lines_left() / std::max(1, tile_count) + 1;
         for (int it = 0; it < tile_count; ++it) {
           const auto [ip, jp] = corner(it);
+          next_b.issue(pf_per_tile);
           const int cols = std::min(NR, nc - jp);
           const float* bp = bblk + int64_t(jp / NR) * bstride;
           const int rows = std::min(MR, msc - ip);

@@ -64,7 +64,9 @@ struct GemmParams {
   const float* a = nullptr;
   int64_t a_rs = 0, a_cs = 0, a_bs = 0;
   // B: prepacked (b_packed, b_packed_bs floats apart per batch entry), strided (b, b_rs, b_cs,
-  // b_bs) or a custom packer.
+  // b_bs) or a custom packer. A packer that reads a strided matrix element for element (the
+  // same rows and columns, transformed) may name it in b..b_bs too: the GEMM then prefetches
+  // the rows of the next block while it computes the current one, as it does for strided B.
   const float* b_packed = nullptr;
   int64_t b_packed_bs = 0;
   const float* b = nullptr;
