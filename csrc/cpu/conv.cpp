@@ -156,6 +156,41 @@ void pack_affine_block(const void* vctx, int64_t batch, int k0, int kc, int n0, 
   }
 }
 
+// What pack_image_block reads for a block: in each channel of rows [k0, k0+kc), the input rows
+// under output pixels [n0, n0+nc), whole (a superset where columns are skipped).
+BSource image_source(const void* vctx, int64_t batch, int k0, int kc, int n0, int nc) {
+  const ImageCtx& g = *static_cast<const ImageCtx*>(vctx);
+  const int khw = g.KH * g.KW;
+  const int c_lo = k0 / khw, c_hi = (k0 + kc - 1) / khw;
+  const int oy_lo = n0 / g.OW, oy_hi = (n0 + nc - 1) / g.OW;
+  // One tap row: every SH-th input row (strided 1x1 convs skip the rest); else the whole span.
+  const int step = g.KH == 1 ? g.SH : 1;
+  int iy_lo = oy_lo * g.SH - g.PT, iy_hi = oy_hi * g.SH - g.PT + (g.KH - 1) * g.DH;
+  while (iy_lo < 0) iy_lo += step;
+  iy_hi = std::min(iy_hi, g.H - 1);
+  BSource src;
+  if (iy_lo > iy_hi) return src;
+  const int64_t plane = int64_t(g.H) * g.W;
+  src.first = g.x + batch * g.x_bs + c_lo * plane + int64_t(iy_lo) * g.W;
+  src.outer_stride = plane;
+  src.outer = c_hi - c_lo + 1;
+  src.inner_stride = int64_t(step) * g.W;
+  src.inner = (iy_hi - iy_lo) / step + 1;
+  src.run = g.W;
+  return src;
+}
+
+// What pack_affine_block reads: rows [k0, k0+kc) of the image, columns [n0, n0+nc).
+BSource affine_source(const void* vctx, int64_t batch, int k0, int kc, int n0, int nc) {
+  const AffineCtx& g = *static_cast<const AffineCtx*>(vctx);
+  BSource src;
+  src.first = g.x + batch * g.x_bs + int64_t(k0) * g.plane + n0;
+  src.outer_stride = g.plane;
+  src.outer = kc;
+  src.run = nc;
+  return src;
+}
+
 GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx, AffineCtx& actx) {
   const int Cg = p.C / p.groups, Kg = p.K / p.groups;
   const int64_t out_plane = int64_t(p.OH) * p.OW;
@@ -174,11 +209,7 @@ GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx, AffineCtx& ac
     actx = AffineCtx{ctx.x, ctx.x_bs, int64_t(p.H) * p.W, p.in_scale + g * Cg, p.in_shift + g * Cg, p.in_relu};
     gp.pack_b_fn = pack_affine_block;
     gp.pack_b_ctx = &actx;
-    // The image it reads, for the GEMM to prefetch.
-    gp.b = ctx.x;
-    gp.b_rs = int64_t(p.H) * p.W;
-    gp.b_cs = 1;
-    gp.b_bs = ctx.x_bs;
+    gp.b_source_fn = affine_source;
   } else if (pointwise) {  // 1x1: the image already is the B matrix
     gp.b = ctx.x;
     gp.b_rs = int64_t(p.H) * p.W;
@@ -186,6 +217,7 @@ GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx, AffineCtx& ac
     gp.b_bs = ctx.x_bs;
   } else {
     gp.pack_b_fn = pack_image_block;
+    gp.b_source_fn = image_source;
     gp.pack_b_ctx = &ctx;
   }
   gp.c = p.y + int64_t(g) * Kg * out_plane;

@@ -145,31 +145,52 @@ void pack_a_block(const float* a, int64_t rs, int64_t cs, int m0, int mc, int k0
   }
 }
 
-// Software prefetch of a block of a row-major matrix (rows `rows` floats apart, `cols` floats
-// each), a few lines at a time.
+// Software prefetch of the source of a B block (see BSource), a few lines at a time, run by run.
 class SourcePrefetch {
  public:
-  void start(const float* first, int64_t row_stride, int rows, int cols) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(first);
-    row_ = reinterpret_cast<const char*>(a & ~uintptr_t(63));
-    stride_ = row_stride * int64_t(sizeof(float));
-    lines_per_row_ = int((a % 64 + size_t(cols) * sizeof(float) + 63) / 64);
-    rows_left_ = rows;
-    line_ = 0;
+  void start(const BSource& src) {
+    src_ = src;
+    if (!src.first || src.outer <= 0 || src.inner <= 0 || src.run <= 0) src_.outer = 0;
+    outer_at_ = inner_at_ = 0;
+    begin_run();
   }
-  int64_t lines_left() const { return rows_left_ > 0 ? int64_t(rows_left_) * lines_per_row_ - line_ : 0; }
+  int64_t lines_left() const {
+    if (outer_at_ >= src_.outer) return 0;
+    return (int64_t(src_.outer - outer_at_) * src_.inner - inner_at_) * lines_per_run_ - line_;
+  }
   void issue(int64_t count) {
-    for (; count > 0 && rows_left_ > 0; --count) {
-      __builtin_prefetch(row_ + int64_t(line_) * 64, 0, 1);
-      if (++line_ == lines_per_row_) line_ = 0, row_ += stride_, --rows_left_;
+    for (; count > 0 && outer_at_ < src_.outer; --count) {
+      __builtin_prefetch(run_ + int64_t(line_) * 64, 0, 1);
+      if (++line_ < lines_per_run_) continue;
+      if (++inner_at_ == src_.inner) inner_at_ = 0, ++outer_at_;
+      begin_run();
     }
   }
 
  private:
-  const char* row_ = nullptr;
-  int64_t stride_ = 0;
-  int lines_per_row_ = 0, rows_left_ = 0, line_ = 0;
+  void begin_run() {
+    const float* first = src_.first + outer_at_ * src_.outer_stride + inner_at_ * src_.inner_stride;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(first);
+    run_ = reinterpret_cast<const char*>(a & ~uintptr_t(63));
+    lines_per_run_ = int((a % 64 + size_t(src_.run) * sizeof(float) + 63) / 64);
+    line_ = 0;
+  }
+  BSource src_;
+  const char* run_ = nullptr;
+  int outer_at_ = 0, inner_at_ = 0, lines_per_run_ = 0, line_ = 0;
 };
+
+// What block (k0, kc, n0, nc) of batch entry `bt` is packed from; empty when unknown.
+BSource b_source(const GemmParams& p, int64_t bt, int k0, int kc, int n0, int nc) {
+  if (p.b_source_fn) return p.b_source_fn(p.pack_b_ctx, bt, k0, kc, n0, nc);
+  BSource src;
+  if (p.pack_b_fn || !p.b || p.b_cs != 1) return src;
+  src.first = p.b + bt * p.b_bs + int64_t(k0) * p.b_rs + n0;
+  src.outer_stride = p.b_rs;
+  src.outer = kc;
+  src.run = nc;
+  return src;
+}
 
 struct Blocking {
   int nc;        // columns per task (multiple of NR)
@@ -330,7 +351,6 @@ void run_gemm(const GemmParams& params, Parallel& par) {
   const MicroFn* full = wide ? gemm_detail::avx512_micro() : kMicro;
   const MicroFn* full_fused = wide ? gemm_detail::avx512_micro_fused() : kMicroFused;
   const int64_t tasks = p.batch * bl.n_blocks * bl.m_blocks;
-  const bool prefetch_b = !p.b_packed && p.b && p.b_cs == 1;
 
   auto task = [&](int64_t t, int thread) {
     const int64_t mb = t % bl.m_blocks;
@@ -354,16 +374,16 @@ void run_gemm(const GemmParams& params, Parallel& par) {
       const int kc = std::min(KC, p.K - k0);
       const bool accumulate = k0 > 0, last = k0 + kc >= p.K;
       SourcePrefetch next_b;
-      if (prefetch_b) {
-        // The B rows the next block packs: the next k block of this task, or the first of task
-        // t + 1 (a thread claims runs of consecutive tasks). The image is cold in a network, and
-        // the copy would stall on it; fetched during this block's tiles, it is in L2 by then.
+      if (!p.b_packed) {
+        // What the next block packs: the next k block of this task, or the first of task t + 1
+        // (a thread claims runs of consecutive tasks). The image is cold in a network, and the
+        // copy would stall on it; fetched during this block's tiles, it is in L2 by then.
         if (!last) {
-          next_b.start(p.b + bt * p.b_bs + int64_t(k0 + kc) * p.b_rs + n0, p.b_rs, std::min(KC, p.K - k0 - kc), nc);
+          next_b.start(b_source(p, bt, k0 + kc, std::min(KC, p.K - k0 - kc), n0, nc));
         } else if (t + 1 < tasks && mb + 1 == bl.m_blocks) {
           const int64_t nnb = (nb + 1) % bl.n_blocks, nbt = nnb == 0 ? bt + 1 : bt;
           const int nn0 = int(nnb * bl.nc);
-          next_b.start(p.b + nbt * p.b_bs + nn0, p.b_rs, std::min(KC, p.K), std::min(bl.nc, p.N - nn0));
+          next_b.start(b_source(p, nbt, 0, std::min(KC, p.K), nn0, std::min(bl.nc, p.N - nn0)));
         }
       }
       // B micro-panels for this block: pointer to the first and the stride between panels.

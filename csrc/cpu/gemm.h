@@ -55,6 +55,17 @@ void pack_b(const float* b, int64_t rs, int64_t cs, int K, int N, float* out);
 using PackBFn = void (*)(const void* ctx, int64_t batch, int k0, int kc, int n0, int nc,
                          float* dst, int64_t panel_stride);
 
+// The memory a block of B is packed from: `outer` x `inner` runs of `run` floats, the first at
+// `first`, runs `inner_stride` floats apart within a group and groups `outer_stride` apart (for
+// im2col: the input rows a block of output pixels reads, in each of its channels). A superset
+// is fine: it only steers prefetches.
+struct BSource {
+  const float* first = nullptr;
+  int64_t outer_stride = 0, inner_stride = 0;
+  int outer = 0, inner = 1, run = 0;
+};
+using BSourceFn = BSource (*)(const void* ctx, int64_t batch, int k0, int kc, int n0, int nc);
+
 struct GemmParams {
   int M = 0, N = 0, K = 0;
   int64_t batch = 1;
@@ -64,14 +75,15 @@ struct GemmParams {
   const float* a = nullptr;
   int64_t a_rs = 0, a_cs = 0, a_bs = 0;
   // B: prepacked (b_packed, b_packed_bs floats apart per batch entry), strided (b, b_rs, b_cs,
-  // b_bs) or a custom packer. A packer that reads a strided matrix element for element (the
-  // same rows and columns, transformed) may name it in b..b_bs too: the GEMM then prefetches
-  // the rows of the next block while it computes the current one, as it does for strided B.
+  // b_bs) or a custom packer. While the tiles of one block run, the source of the next block is
+  // prefetched: for strided B with unit column stride, or where the packer says what it reads
+  // (b_source_fn, given pack_b_ctx).
   const float* b_packed = nullptr;
   int64_t b_packed_bs = 0;
   const float* b = nullptr;
   int64_t b_rs = 0, b_cs = 0, b_bs = 0;
   PackBFn pack_b_fn = nullptr;
+  BSourceFn b_source_fn = nullptr;
   const void* pack_b_ctx = nullptr;
   // C: element (i, j) of batch entry t at c[t*c_bs + i*ldc + j].
   float* c = nullptr;
