@@ -32,10 +32,17 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <int R, bool kFused, bool kHalf = false>
 void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   int64_t ldc, bool accumulate, const TileEpilogue* ep) {
-  __m256 acc0[R], acc1[R];
+  // Every accumulator is a chain of dependent FMAs; two FMA units of 4 cycles' latency need 8
+  // chains to stay busy. Tiles with fewer (1-3 rows, or 4-6 rows of a half tile: 31-75% of the
+  // peak) keep kSets partial sums over interleaved k steps and add them at the end.
+  constexpr int kChains = kHalf ? R : 2 * R;
+  constexpr int kSets = std::min(4, (8 + kChains - 1) / kChains);
+  __m256 part0[kSets][R], part1[kSets][R];
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s)
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-  for (int k = 0; k < kc; ++k) {
+    for (int r = 0; r < R; ++r) part0[s][r] = part1[s][r] = _mm256_setzero_ps();
+  auto step = [&](int k, __m256* acc0, __m256* acc1) __attribute__((always_inline)) {
     const __m256 b0 = _mm256_loadu_ps(b + k * NR);
     const __m256 b1 = kHalf ? b0 : _mm256_loadu_ps(b + k * NR + 8);
 #pragma GCC unroll 6
@@ -43,6 +50,23 @@ void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, 
       const __m256 av = _mm256_broadcast_ss(a + k * MR + r);
       acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
       if (!kHalf) acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+    }
+  };
+  int k = 0;
+  if constexpr (kSets > 1) {
+    for (; k + kSets <= kc; k += kSets)
+#pragma GCC unroll 4
+      for (int s = 0; s < kSets; ++s) step(k + s, part0[s], part1[s]);
+  }
+  for (; k < kc; ++k) step(k, part0[0], part1[0]);
+  __m256 acc0[R], acc1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = part0[0][r], acc1[r] = part1[0][r];
+#pragma GCC unroll 4
+    for (int s = 1; s < kSets; ++s) {
+      acc0[r] = _mm256_add_ps(acc0[r], part0[s][r]);
+      if (!kHalf) acc1[r] = _mm256_add_ps(acc1[r], part1[s][r]);
     }
   }
 #pragma GCC unroll 6

@@ -64,6 +64,15 @@ def test_conv2d(case, bias: bool, const_weight: bool, gemm_isa: str) -> None:
     check("Conv", inputs, attrs, inits, tol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 7])  # tiles of 1-3 rows keep 2 or 4 partial sums a row
+@pytest.mark.parametrize("c", [1, 2, 3, 6, 262])  # reduction lengths 0-3 past a multiple of 4
+def test_conv_short_tiles(k: int, c: int, gemm_isa: str) -> None:
+    """1x1 convs whose GEMM tiles have too few rows to fill the FMA units on one running sum:
+    the partial sums over interleaved reduction steps, and the steps left over, add up right
+    (24 pixels: a full 16-column tile and an 8-column one)."""
+    check("Conv", {"x": rand(1, c, 4, 6)}, None, {"w": rand(k, c, 1, 1), "b": rand(k)}, tol=1e-5)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 13])  # every tile height, and a tail of 1 row
 @pytest.mark.parametrize("pixels", [(4, 4), (7, 7), (5, 13)])  # 16 columns, 49 = 3 x 16 + 1, 65
 @pytest.mark.parametrize("tail", ["residual_relu", "clip", "relu"])
