@@ -16,12 +16,14 @@ from cbir_engine.graph.passes.fuse_netvlad import fuse_netvlad
 from cbir_engine.graph.passes.fuse_pad import fuse_pad_into_conv
 from cbir_engine.graph.passes.fuse_residual import fuse_residual, fuse_residual_eltwise
 from cbir_engine.graph.passes.matmul_to_gemm import matmul_add_to_gemm
+from cbir_engine.graph.passes.pool_before_pointwise import pool_before_pointwise_conv
 from cbir_engine.graph.passes.propagate import propagate
 from cbir_engine.graph.passes.remove_identity import remove_identity
 
 Pass = Callable[[Graph], bool]
 
-SIMPLIFY: list[Pass] = [propagate, remove_identity, remove_dead_nodes, fold_batchnorm]
+SIMPLIFY: list[Pass] = [propagate, remove_identity, remove_dead_nodes, fold_batchnorm,
+                        pool_before_pointwise_conv]
 # The head fusions run first: fuse_activation would otherwise take GeM's Clip into the trunk's last conv.
 FUSE: list[Pass] = [fuse_netvlad, fuse_gem, fuse_pad_into_conv, matmul_add_to_gemm, fuse_residual,
                     fuse_residual_eltwise, fuse_activation, fuse_input_affine]
@@ -50,4 +52,5 @@ __all__ = [
     "optimize", "run_to_fixpoint", "propagate", "remove_identity", "remove_dead_nodes",
     "fold_batchnorm", "fuse_activation", "fuse_residual", "fuse_pad_into_conv",
     "matmul_add_to_gemm", "decompose_batchnorm", "fuse_input_affine", "fuse_residual_eltwise",
+    "pool_before_pointwise_conv",
 ]
