@@ -23,6 +23,8 @@ int default_threads() {
 void ThreadPool::AlignedFree::operator()(float* p) const { std::free(p); }
 
 ThreadPool::ThreadPool(int threads) : nthreads_(threads > 0 ? threads : default_threads()) {
+  cpu_of_.reset(new std::atomic<int>[size_t(nthreads_)]);
+  for (int i = 0; i < nthreads_; ++i) cpu_of_[size_t(i)].store(-1, std::memory_order_relaxed);
   reserve_scratch(1024);
   for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i] { worker(i); });
 }
@@ -57,7 +59,17 @@ constexpr int kIndexBits = 40;
 constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 }  // namespace
 
+// Whether a thread other than `thread` last ran on `cpu`: it cannot be running now (this thread
+// is), so it waits for this CPU, and spinning here only delays it. This happens when another
+// process takes the other cores (measured: a woken worker queued 4 ms behind a spinning caller).
+bool ThreadPool::shares_cpu_with(int thread, int cpu) const {
+  for (int i = 0; i < nthreads_; ++i)
+    if (i != thread && cpu_of_[size_t(i)].load(std::memory_order_relaxed) == cpu) return true;
+  return false;
+}
+
 void ThreadPool::work(int thread, uint64_t tag, cpu::TaskFn* fn, int64_t n) {
+  cpu_of_[size_t(thread)].store(sched_getcpu(), std::memory_order_relaxed);
   // Guided self-scheduling: claim a run of tasks sized to a share of what is left, so jobs of
   // thousands of tiny tasks (Winograd transforms, packing) do not bounce the counter's cache line
   // between cores for every task, while the last claims stay single tasks for balance.
@@ -103,6 +115,7 @@ void ThreadPool::run(int64_t n, cpu::TaskFn fn) {
   // Wait only for tasks that workers claimed and still run. A worker still waking up (a sleeping
   // vCPU can take a millisecond) is not waited for: it will find nothing left to claim.
   for (int spins = 0; done_.load(std::memory_order_acquire) != n; ++spins) {
+    if ((spins & 63) == 63 && shares_cpu_with(0, sched_getcpu())) sched_yield();
     if (spins > 20000) {
       std::unique_lock<std::mutex> lock(mu_);
       done_cv_.wait_for(lock, std::chrono::microseconds(200),
@@ -125,6 +138,11 @@ void ThreadPool::worker(int id) {
       if (published_.load(std::memory_order_acquire) != seen) {
         got = true;
         break;
+      }
+      if ((spins & 63) == 63) {
+        const int cpu = sched_getcpu();
+        cpu_of_[size_t(id)].store(cpu, std::memory_order_relaxed);
+        if (shares_cpu_with(id, cpu)) sched_yield();
       }
 #if defined(__x86_64__)
       __builtin_ia32_pause();

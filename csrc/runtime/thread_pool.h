@@ -56,6 +56,10 @@ class ThreadPool final : public cpu::Parallel {
   std::atomic<int64_t> done_{0};   // tasks of the current job finished
   std::atomic<uint64_t> published_{0};  // generation visible to spinning workers
   std::atomic<bool> resting_{true};
+  // The CPU each thread last ran on (the caller's at index 0), to tell when two of them share
+  // one: then a spinning thread holds the CPU the other needs, and yields it instead.
+  std::unique_ptr<std::atomic<int>[]> cpu_of_;
+  bool shares_cpu_with(int thread, int cpu) const;
 
   std::unique_ptr<float[], AlignedFree> scratch_;
   size_t scratch_floats_ = 0;

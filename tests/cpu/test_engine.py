@@ -153,6 +153,20 @@ def test_concurrent_calls_are_serialised_correctly() -> None:
     assert not errors
 
 
+def test_more_threads_than_cpus_agree_with_one_thread() -> None:
+    """Pool threads that share one CPU (the others taken) hand it to each other instead of
+    spinning on it: same results as one thread, and no run waits on a thread that cannot run."""
+    code = ("import os, numpy as np, cbir_engine\n"
+            "from tests.helpers import resnet_block_model\n"
+            "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "m = resnet_block_model().SerializeToString()\n"
+            "x = np.random.default_rng(0).standard_normal((4, 8, 6, 6)).astype(np.float32)\n"
+            "three, one = cbir_engine.load(m, threads=3), cbir_engine.load(m, threads=1)\n"
+            "want = one(x)\n"
+            "assert all(np.array_equal(three(x), want) for _ in range(200))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_profile_lists_every_step() -> None:
     engine = cbir_engine.load(resnet_block_model().SerializeToString())
     rows = engine.profile(rand(2, 8, 6, 6), repeat=2)
