@@ -33,7 +33,7 @@ template <int R, bool kFused, bool kHalf = false>
 void micro_kernel(int kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   int64_t ldc, bool accumulate, const TileEpilogue* ep) {
   // Every accumulator is a chain of dependent FMAs; two FMA units of 4 cycles' latency need 8
-  // chains to stay busy. Tiles with fewer (1-3 rows, or 4-6 rows of a half tile: 31-75% of the
+  // chains to stay busy. Tiles with fewer (1-3 rows, or 4-6 rows of a half tile: 28-76% of the
   // peak) keep kSets partial sums over interleaved k steps and add them at the end.
   constexpr int kChains = kHalf ? R : 2 * R;
   constexpr int kSets = std::min(4, (8 + kChains - 1) / kChains);
@@ -174,8 +174,11 @@ class SourcePrefetch {
  public:
   void start(const BSource& src) {
     src_ = src;
-    if (!src.first || src.outer <= 0 || src.inner <= 0 || src.run <= 0) src_.outer = 0;
     outer_at_ = inner_at_ = 0;
+    if (!src.first || src.outer <= 0 || src.inner <= 0 || src.run <= 0) {
+      src_.outer = 0;  // nothing to fetch
+      return;
+    }
     begin_run();
   }
   int64_t lines_left() const {
