@@ -63,6 +63,7 @@ constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 // is), so it waits for this CPU, and spinning here only delays it. This happens when another
 // process takes the other cores (measured: a woken worker queued 4 ms behind a spinning caller).
 bool ThreadPool::shares_cpu_with(int thread, int cpu) const {
+  if (cpu < 0) return false;  // sched_getcpu failed; -1 also marks threads that never ran
   for (int i = 0; i < nthreads_; ++i)
     if (i != thread && cpu_of_[size_t(i)].load(std::memory_order_relaxed) == cpu) return true;
   return false;
