@@ -79,6 +79,19 @@ class PreactSE(nn.Module):
         return torch.relu(y * self.gate(y) + x)
 
 
+class Transition(nn.Module):
+    """DenseNet's transition after a concat: BN -> ReLU -> 1x1 conv -> 2x2 average pool, which
+    the CPU passes turn into BN+ReLU -> pool -> conv (pool_before_pointwise_conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(3, 4, 1)
+        self.t = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.AvgPool2d(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.t(torch.cat([self.a(x), self.b(x)], 1))
+
+
 def randomize_bn(m: nn.Module, seed: int) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     for mod in m.modules():
@@ -146,9 +159,10 @@ def main() -> int:
         "Mixed": {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Mul", "Flatten", "Gemm"},
         "VladNet": {"Conv", "MaxPool", "NetVLAD"},
         "PreactSE": {"Conv", "GlobalAveragePool", "Mul"},
+        "Transition": {"Conv", "Concat", "BatchNormalization", "AveragePool"},
     }
     worst: dict[str, float] = {}
-    for net, size in ((Mixed(), 19), (VladNet(), 10), (PreactSE(), 9)):
+    for net, size in ((Mixed(), 19), (VladNet(), 10), (PreactSE(), 9), (Transition(), 8)):
         net = randomize_bn(net, 1)
         onnx_bytes = export_onnx(net, torch.zeros(1, 3, size, size), opset=17)
         cpu = cbir_engine.load(onnx_bytes, threads=1)
@@ -161,6 +175,9 @@ def main() -> int:
         if isinstance(net, PreactSE):
             assert any(n.input(4) and n.attrs.get("input_activation") == "Relu" for n in convs)
             assert any(n.op == "Mul" and len(n.inputs) == 3 for n in cpu.graph.nodes)
+        if isinstance(net, Transition):  # the pool reads the BN+ReLU, the last conv the pool
+            order = [n.op for n in cpu.graph.nodes]
+            assert order.index("AveragePool") < len(order) - 1 and order[-1] == "Conv", order
         for batch in (1, 2):
             x = torch.randn(batch, 3, size, size)
             ref = cpu(x.numpy()).astype(np.float64)
