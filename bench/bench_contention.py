@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import append_rows, cpu_name, git_rev, onnx_file  # noqa: E402
+from bench_models import cpu_name, git_rev, onnx_file, save_rows, timed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "contention.csv"
 
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     order = order[r % 3 :] + order[: r % 3]
                     got = {}
                     for key, fn in order:
-                        time.sleep(0.05)  # ONNX Runtime's threads spin after a run
-                        t0 = time.perf_counter()
-                        fn()
-                        got[key] = time.perf_counter() - t0
+                        got[key], _ = timed(fn, 0.05)  # ONNX Runtime's threads spin after a run
                         times[key].append(got[key])
                     ratios.append(got["ours2"] / got["ort2"])
                 med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -106,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         hog.kill()
         hog.wait()
-    if not args.no_csv and rows:
-        append_rows(RESULTS, rows)
-        print(f"appended {len(rows)} rows to {RESULTS}")
+    save_rows(RESULTS, rows, not args.no_csv)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import append_rows, cpu_name, git_rev  # noqa: E402
+from bench_models import cpu_name, git_rev, save_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "conv_methods.csv"
 DEFAULT_SHAPES = [
@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{text:<24}{row['gflops_a']:>14.1f}{row['gflops_b']:>14.1f}{ratio:>8.2f}"
               f"{f'{q25:.2f}-{q75:.2f}':>12}{diff:>10.1e}", flush=True)
-    if not args.no_csv and rows:
-        append_rows(RESULTS, rows)
-        print(f"appended {len(rows)} rows to {RESULTS}")
+    save_rows(RESULTS, rows, not args.no_csv)
     return 0
 
 

@@ -98,6 +98,13 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def save_rows(path: Path, rows: list[dict], enabled: bool = True) -> None:
+    """Appends a benchmark's rows (if any, and unless --no-csv) and says where they went."""
+    if enabled and rows:
+        append_rows(path, rows)
+        print(f"appended {len(rows)} rows to {path}")
+
+
 def steal_seconds() -> float:
     """CPU time the hypervisor gave other guests while ours waited (all CPUs; /proc/stat, Linux)."""
     try:
@@ -202,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['ours_over_ort']:>10.2f}{f'{q25:.2f}-{q75:.2f}':>11}{r_t}{gflops:>9.1f}"
                   f"{100 * gflops / peak:>7.0f}%{row['others_busy']:>6.2f}{100 * steal:>6.1f}%",
                   flush=True)
-    if not args.no_csv and rows:
-        append_rows(RESULTS, rows)
-        print(f"appended {len(rows)} rows to {RESULTS}")
+    save_rows(RESULTS, rows, not args.no_csv)
     return 0
 
 
