@@ -6,7 +6,9 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/ops.h"
+#include "cpu/pool_detail.h"
 #include "cpu/simd.h"
 
 namespace cbir::cpu {
@@ -35,13 +37,9 @@ inline __m256 load_even(const float* p) {
 // Pooling in two separable passes per output row: the window's input rows are combined into a
 // row buffer padded on both sides with the identity (0 or -inf), so the pass across columns
 // needs no bounds checks; stride-1 windows are vectorised across outputs.
-template <bool kMax>
-void run_pool(const Pool2dParams& p, Parallel& par) {
-  const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
-  const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
-  // Averages divide by the window area inside the image (or the padded image): per column
-  // factor here (padded by 8 so a masked last vector may read it), per row factor below.
-  alignas(32) float cols[kMaxRowBuffer + 8];
+// Averages divide by the window area inside the image (or the padded image): the factor of
+// output column ox (cols[ox]; zero past the row, up to 8 floats on), then the row's below.
+void window_columns(const Pool2dParams& p, float* cols) {
   for (int ox = 0; ox < p.OW + 8; ++ox) {
     int pad = 0, valid = 0;
     for (int kx = 0; kx < p.KW && ox < p.OW; ++kx) {
@@ -51,6 +49,23 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
     }
     cols[ox] = float(p.count_include_pad ? pad : valid);
   }
+}
+// The divisor of output row oy's windows (rows inside the image, or the padded image).
+float window_rows(const Pool2dParams& p, int oy) {
+  int pad = 0, valid = 0;
+  for (int ky = 0; ky < p.KH; ++ky) {
+    const int iy = oy * p.SH - p.PT + ky * p.DH;
+    pad += (iy >= -p.PT && iy < p.H + p.PB);
+    valid += (iy >= 0 && iy < p.H);
+  }
+  return float(p.count_include_pad ? pad : valid);
+}
+
+// Pools plane t (of N * C).
+template <bool kMax>
+void pool_plane(const Pool2dParams& p, const float* cols, int64_t t) {
+  const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
+  const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
   const int span = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1;  // buffer columns the windows read
   // 8 outputs at a time across the row (the last group masked): taps of output ox start at
   // src[ox*SW]; stride 2 takes the even elements of 16-float runs.
@@ -66,7 +81,7 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
   };
   const bool vectorised = (p.SW == 1 || p.SW == 2) && (p.SW == 1 ? p.DW == 1 : true);
   const __m256 identv = _mm256_set1_ps(ident);
-  auto task = [&](int64_t t, int) {
+  {
     const float* x = p.x + t * in_plane;
     float* y = p.y + t * out_plane;
     // Slack of 32 past the span: the masked last vector reads (never uses) up to 2*7+16 further.
@@ -127,8 +142,42 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
         yr[ox] = kMax ? m : m * inv[ox];
       }
     }
+  }
+}
+
+template <bool kMax>
+void run_pool(const Pool2dParams& p, Parallel& par) {
+  alignas(32) float cols[kMaxRowBuffer + 8];
+  window_columns(p, cols);
+  auto task = [&](int64_t t, int) { pool_plane<kMax>(p, cols, t); };
+  par.run(int64_t(p.N) * p.C, task);
+}
+
+// Stride-2 windows with AVX-512 (pool_avx512.cpp); a max-pool plane that may hold a NaN is
+// pooled again by pool_plane, which keeps it. Averages take their factors from a table.
+template <bool kMax>
+bool run_pool_stride2(const Pool2dParams& p, Parallel& par) {
+  const int row_floats = pool_detail::stride2_row_floats(p);
+  std::vector<float> factors;
+  if (!kMax) {
+    if (int64_t(p.OH) * row_floats > (int64_t(1) << 16)) return false;  // the table would not pay
+    alignas(32) float cols[kMaxRowBuffer + 8];
+    window_columns(p, cols);
+    factors.assign(size_t(p.OH) * size_t(row_floats), 0.0f);
+    for (int oy = 0; oy < p.OH; ++oy) {
+      const float rows = window_rows(p, oy);
+      for (int ox = 0; ox < p.OW; ++ox)
+        factors[size_t(oy) * size_t(row_floats) + size_t(ox)] = 1.0f / std::max(1.0f, rows * cols[ox]);
+    }
+  }
+  auto task = [&](int64_t t, int) {
+    if (pool_detail::stride2_plane_avx512(kMax, p, t, factors.data())) return;
+    alignas(32) float cols[kMaxRowBuffer + 8];
+    window_columns(p, cols);
+    pool_plane<kMax>(p, cols, t);
   };
   par.run(int64_t(p.N) * p.C, task);
+  return true;
 }
 
 // Stride-1 "same" windows (GoogLeNet and Inception branches). Each plane is copied into a
@@ -429,8 +478,14 @@ size_t pool2d_scratch_floats(const Pool2dParams& p) {
 template <bool kMax>
 static void run_pool2d(const Pool2dParams& p, Parallel& par) {
   const bool scratch = par.scratch_floats() >= pool2d_scratch_floats(p);
+  // The conv kernels' instruction set choice (gemm_set_isa) picks the pooling path too. Rows
+  // wider than 128 stay on the row-buffer path: there the pool waits on memory, and reading the
+  // image a row at a time streams better than the AVX-512 path's rows side by side, even with
+  // its prefetches (VGG16's 224-wide planes: 1.23x the time; 112-wide ones 0.73-0.97x).
+  const bool stride2 = gemm_uses_avx512() && p.W <= 128 && pool_detail::stride2_fits(p);
   if (pool3x3_s1(p) && scratch) run_pool3x3_s1<kMax>(p, par);
   else if (same_stride1(p) && scratch) run_pool_same_s1<kMax>(p, par);
+  else if (stride2 && run_pool_stride2<kMax>(p, par)) return;
   else if (buffered(p)) run_pool<kMax>(p, par);
   else if (kMax) maxpool_direct(p, par);
   else avgpool_direct(p, par);
