@@ -682,6 +682,20 @@ class GpuEngine:
         oh, ow = y_shape[2], y_shape[3]
         pads = (int(pb[0]), int(pb[1]), int(pe[0]), int(pe[1]))
         x_name, y_name = node.inputs[0], node.outputs[0]
+        # fuse_input_affine: a pre-activation BatchNorm (+ReLU) folded into an average pool; here
+        # it runs before the pool kernel, on the NHWC tensor (channels last, so it broadcasts).
+        affine = None
+        if len(node.inputs) > 1 and node.input(1):
+            affine = (self._const(g, node.input(1), "act"), self._const(g, node.input(2), "act"),
+                      a.get("input_activation") == "Relu")
+
+        def source(env: _Env) -> Any:
+            x = self._nhwc(env, g, x_name)
+            if affine is None:
+                return x
+            scale, shift, relu = affine
+            x = self.torch.addcmul(shift, x, scale)
+            return self.torch.relu(x) if relu else x
 
         if self.backend == "triton":
             from cbir_engine.kernels.pool import pool_nhwc
@@ -689,7 +703,7 @@ class GpuEngine:
             def run(env: _Env) -> None:
                 y = self._empty((n, oh, ow, c))
                 pool_nhwc(
-                    self._nhwc(env, g, x_name),
+                    source(env),
                     out=y,
                     kernel=kernel,
                     stride=stride,
@@ -731,7 +745,7 @@ class GpuEngine:
         def run_cuda(env: _Env) -> None:
             y = self._empty((n, oh, ow, c))
             rc = self._cuda().cbir_pool_nhwc_cuda(
-                ctypes.byref(desc), code, self._nhwc(env, g, x_name).data_ptr(), y.data_ptr(), self._stream()
+                ctypes.byref(desc), code, source(env).contiguous().data_ptr(), y.data_ptr(), self._stream()
             )
             self._check(rc, node)
             self._set(env, y_name, y, True)

@@ -403,9 +403,15 @@ class Lowering:
 
     def lower_AveragePool(self, node: Node) -> None:
         ints, x4, y4 = self._pool_args(node)
-        self.emit(node, "avgpool2d", ints + [int(node.attrs.get("count_include_pad", 0))],
-                  [], [self.operand(node.inputs[0], x4), self.operand(node.outputs[0], y4)],
-                  label=f"avgpool2d {ints[0]}x{ints[1]}/s{ints[2]}")
+        ints.append(int(node.attrs.get("count_include_pad", 0)))
+        operands = [self.operand(node.inputs[0], x4), self.operand(node.outputs[0], y4)]
+        label = f"avgpool2d {ints[0]}x{ints[1]}/s{ints[2]}"
+        if node.input(1):  # fuse_input_affine: x * scale + shift (+ReLU) applied as x is read
+            relu = node.attrs.get("input_activation") == "Relu"
+            ints.append(int(relu))
+            operands += [self.operand(node.input(1), (x4[1],)), self.operand(node.input(2), (x4[1],))]
+            label += " +input_affine" + ("_relu" if relu else "")
+        self.emit(node, "avgpool2d", ints, [], operands, label=label)
 
     def _global_pool(self, node: Node, kind: int, label: str) -> None:
         self.emit(node, "global_pool", [kind], [],

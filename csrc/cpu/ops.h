@@ -21,6 +21,12 @@ struct Pool2dParams {
                                    // padded image (as torch and ONNX do) instead of the image
   const float* x = nullptr;
   float* y = nullptr;
+  // Average pooling only: x * in_scale[c] + in_shift[c] (then max(., 0) with in_relu) per input
+  // channel, applied to the image as it is read (a pre-activation BatchNorm+ReLU, DenseNet's
+  // transitions); the padding stays 0.
+  const float* in_scale = nullptr;
+  const float* in_shift = nullptr;
+  bool in_relu = false;
 };
 void run_maxpool2d(const Pool2dParams& p, Parallel& par);
 void run_avgpool2d(const Pool2dParams& p, Parallel& par);

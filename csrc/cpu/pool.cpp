@@ -81,6 +81,17 @@ void pool_plane(const Pool2dParams& p, const float* cols, int64_t t) {
   };
   const bool vectorised = (p.SW == 1 || p.SW == 2) && (p.SW == 1 ? p.DW == 1 : true);
   const __m256 identv = _mm256_set1_ps(ident);
+  // The input affine of average pools (identity otherwise).
+  const int c = int(t % p.C);
+  const bool has_affine = !kMax && p.in_scale;
+  const __m256 scale = _mm256_set1_ps(has_affine ? p.in_scale[c] : 1.0f);
+  const __m256 shift = _mm256_set1_ps(has_affine ? p.in_shift[c] : 0.0f);
+  // MAXPS returns its second operand when either is NaN: the data goes second, so NaN stays.
+  auto affine = [&](__m256 v) {
+    if (!has_affine) return v;
+    v = _mm256_fmadd_ps(v, scale, shift);
+    return p.in_relu ? _mm256_max_ps(_mm256_setzero_ps(), v) : v;
+  };
   {
     const float* x = p.x + t * in_plane;
     float* y = p.y + t * out_plane;
@@ -106,10 +117,10 @@ void pool_plane(const Pool2dParams& p, const float* cols, int64_t t) {
         for (int j = 0; j < p.W; j += 8) {
           __m256 v;
           if (j + 8 <= p.W) {
-            v = _mm256_loadu_ps(xr + j);
+            v = affine(_mm256_loadu_ps(xr + j));
           } else {
             const __m256i m = simd::tail_mask(p.W - j);
-            v = _mm256_blendv_ps(identv, _mm256_maskload_ps(xr + j, m), _mm256_castsi256_ps(m));
+            v = _mm256_blendv_ps(identv, affine(_mm256_maskload_ps(xr + j, m)), _mm256_castsi256_ps(m));
           }
           if (!first) {
             const __m256 acc = _mm256_loadu_ps(vrow + j);
@@ -428,6 +439,7 @@ void maxpool_direct(const Pool2dParams& p, Parallel& par) {
 void avgpool_direct(const Pool2dParams& p, Parallel& par) {
   const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
   auto task = [&](int64_t t, int) {
+    const int c = int(t % p.C);
     const float* x = p.x + t * in_plane;
     float* y = p.y + t * out_plane;
     for (int oy = 0; oy < p.OH; ++oy) {
@@ -450,7 +462,12 @@ void avgpool_direct(const Pool2dParams& p, Parallel& par) {
           for (int kx = 0; kx < p.KW; ++kx) {
             const int ix = ox * p.SW - p.PL + kx * p.DW;
             if (ix < 0 || ix >= p.W) continue;
-            s += xr[ix];
+            float v = xr[ix];
+            if (p.in_scale) {
+              v = std::fma(v, p.in_scale[c], p.in_shift[c]);
+              if (p.in_relu) v = std::max(v, 0.0f);  // NaN stays NaN
+            }
+            s += v;
             ++valid;
           }
         }
@@ -477,7 +494,8 @@ size_t pool2d_scratch_floats(const Pool2dParams& p) {
 
 template <bool kMax>
 static void run_pool2d(const Pool2dParams& p, Parallel& par) {
-  const bool scratch = par.scratch_floats() >= pool2d_scratch_floats(p);
+  // The same-window stride-1 paths take no input affine.
+  const bool scratch = !p.in_scale && par.scratch_floats() >= pool2d_scratch_floats(p);
   // The conv kernels' instruction set choice (gemm_set_isa) picks the pooling path too. Rows
   // wider than 128 stay on the row-buffer path: there the pool waits on memory, and reading the
   // image a row at a time streams better than the AVX-512 path's rows side by side, even with

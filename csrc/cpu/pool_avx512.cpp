@@ -49,21 +49,39 @@ struct WindowRows {
   int n = 0;
 };
 
+// The input affine of an average pool's plane (Pool2dParams::in_scale); off for max pools.
+struct InputAffine {
+  bool on = false, relu = false;
+  __m512 scale, shift;
+};
+
+// Input columns [c, c + 16) of row r: the identity in the lanes not in `lanes` (outside the row),
+// the affine applied to the others.
+CBIR_AVX512 inline __m512 load(const float* r, int c, bool whole, __mmask16 lanes, __m512 identv,
+                               const InputAffine& af) {
+  __m512 v = whole ? _mm512_loadu_ps(r + c) : _mm512_mask_loadu_ps(identv, lanes, r + c);
+  if (!af.on) return v;
+  v = _mm512_fmadd_ps(v, af.scale, af.shift);
+  if (af.relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // the data second: NaN stays
+  return whole ? v : _mm512_mask_mov_ps(identv, lanes, v);
+}
+
 // Input columns [c, c + 16) of the window's rows combined: the identity outside the row (lanes
 // not in `lanes`). Max pools add the rows' sum to *probe, one add on its dependency chain.
 template <bool kMax>
-CBIR_AVX512 inline __m512 column(const WindowRows& rows, int c, __mmask16 lanes, __m512 identv, __m512* probe) {
+CBIR_AVX512 inline __m512 column(const WindowRows& rows, int c, __mmask16 lanes, __m512 identv,
+                                 const InputAffine& af, __m512* probe) {
   if (lanes == 0 || rows.n == 0) return identv;
   const bool whole = lanes == 0xffff;
-  __m512 v = whole ? _mm512_loadu_ps(rows.r0 + c) : _mm512_mask_loadu_ps(identv, lanes, rows.r0 + c);
+  __m512 v = load(rows.r0, c, whole, lanes, identv, af);
   __m512 sum = v;
   if (rows.n > 1) {
-    const __m512 w = whole ? _mm512_loadu_ps(rows.r1 + c) : _mm512_mask_loadu_ps(identv, lanes, rows.r1 + c);
+    const __m512 w = load(rows.r1, c, whole, lanes, identv, af);
     if (kMax) sum = _mm512_add_ps(sum, w);
     v = combine<kMax>(v, w);
   }
   if (rows.n > 2) {
-    const __m512 w = whole ? _mm512_loadu_ps(rows.r2 + c) : _mm512_mask_loadu_ps(identv, lanes, rows.r2 + c);
+    const __m512 w = load(rows.r2, c, whole, lanes, identv, af);
     if (kMax) sum = _mm512_add_ps(sum, w);
     v = combine<kMax>(v, w);
   }
@@ -73,12 +91,12 @@ CBIR_AVX512 inline __m512 column(const WindowRows& rows, int c, __mmask16 lanes,
 
 // The 32 input columns from c, combined down the rows and split into even (*e) and odd (*o).
 template <bool kMax>
-CBIR_AVX512 inline void split(const WindowRows& rows, int c, int w, __m512 identv, __m512* probe_lo,
-                              __m512* probe_hi, __m512* e, __m512* o) {
+CBIR_AVX512 inline void split(const WindowRows& rows, int c, int w, __m512 identv, const InputAffine& af,
+                              __m512* probe_lo, __m512* probe_hi, __m512* e, __m512* o) {
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  const __m512 lo = column<kMax>(rows, c, lanes_inside(c, w), identv, probe_lo);
-  const __m512 hi = column<kMax>(rows, c + 16, lanes_inside(c + 16, w), identv, probe_hi);
+  const __m512 lo = column<kMax>(rows, c, lanes_inside(c, w), identv, af, probe_lo);
+  const __m512 hi = column<kMax>(rows, c + 16, lanes_inside(c + 16, w), identv, af, probe_hi);
   *e = _mm512_permutex2var_ps(lo, even, hi);
   *o = _mm512_permutex2var_ps(lo, odd, hi);
 }
@@ -90,6 +108,12 @@ CBIR_AVX512 bool plane(const Pool2dParams& p, int64_t t, const float* factors) {
   const float* x = p.x + t * int64_t(p.H) * p.W;
   float* y = p.y + t * int64_t(p.OH) * p.OW;
   const int row_floats = stride2_row_floats(p);
+  InputAffine af;
+  if (!kMax && p.in_scale) {
+    const int64_t c = t % p.C;
+    af.on = true, af.relu = p.in_relu;
+    af.scale = _mm512_set1_ps(p.in_scale[c]), af.shift = _mm512_set1_ps(p.in_shift[c]);
+  }
   // Max pools: a sum of every input vector read turns NaN if any holds one (infinities of both
   // signs may raise a false alarm; the caller then takes the exact path).
   __m512 probe_lo = _mm512_setzero_ps(), probe_hi = _mm512_setzero_ps();
@@ -115,19 +139,19 @@ CBIR_AVX512 bool plane(const Pool2dParams& p, int64_t t, const float* factors) {
     float* yr = y + int64_t(oy) * p.OW;
     const float* f = factors ? factors + int64_t(oy) * row_floats : nullptr;
     __m512 e, o;
-    split<kMax>(rows, -p.PL, p.W, identv, &probe_lo, &probe_hi, &e, &o);
+    split<kMax>(rows, -p.PL, p.W, identv, af, &probe_lo, &probe_hi, &e, &o);
     for (int ox = 0; ox < p.OW; ox += 16) {
       __m512 m = combine<kMax>(e, o);
       if (KW == 3) {
         __m512 e_next, o_next;
-        split<kMax>(rows, 2 * (ox + 16) - p.PL, p.W, identv, &probe_lo, &probe_hi, &e_next, &o_next);
+        split<kMax>(rows, 2 * (ox + 16) - p.PL, p.W, identv, af, &probe_lo, &probe_hi, &e_next, &o_next);
         // Lanes 1..15 of e, then lane 0 of the next group's: the even columns two floats on.
         const __m512 e2 = _mm512_castsi512_ps(
             _mm512_alignr_epi32(_mm512_castps_si512(e_next), _mm512_castps_si512(e), 1));
         m = combine<kMax>(m, e2);
         e = e_next, o = o_next;
       } else if (ox + 16 < p.OW) {
-        split<kMax>(rows, 2 * (ox + 16) - p.PL, p.W, identv, &probe_lo, &probe_hi, &e, &o);
+        split<kMax>(rows, 2 * (ox + 16) - p.PL, p.W, identv, af, &probe_lo, &probe_hi, &e, &o);
       }
       if (!kMax) m = _mm512_mul_ps(m, _mm512_loadu_ps(f + ox));
       if (ox + 16 <= p.OW) _mm512_storeu_ps(yr + ox, m);

@@ -234,6 +234,12 @@ cpu::Pool2dParams read_pool(Args& a) {
   p.DH = a.i32(), p.DW = a.i32();
   p.count_include_pad = a.i() != 0;
   p.x = a.need(0), p.y = a.need(1);
+  if (a.tensors() > 2) {  // average pools: an input affine (scale, shift per channel), then a ReLU flag
+    if (!a.has_int()) a.fail("an input affine needs its ReLU flag");
+    p.in_relu = a.i() != 0;
+    p.in_scale = a.need(2), p.in_shift = a.need(3);
+    if (a.t(2).numel() != p.C || a.t(3).numel() != p.C) a.fail("input scale and shift need one value a channel");
+  }
   return p;
 }
 
@@ -284,7 +290,12 @@ class CopyStep final : public Step {
 const KernelRegistrar kRegistered[] = {
       {"conv2d", make_conv2d},
       {"gemm", make_gemm},
-      {"maxpool2d", [](Args& a) -> std::unique_ptr<Step> { return std::make_unique<PoolStep>(read_pool(a), true); }},
+      {"maxpool2d",
+       [](Args& a) -> std::unique_ptr<Step> {
+         const cpu::Pool2dParams p = read_pool(a);
+         if (p.in_scale) a.fail("max pools take no input affine");
+         return std::make_unique<PoolStep>(p, true);
+       }},
       {"avgpool2d", [](Args& a) -> std::unique_ptr<Step> { return std::make_unique<PoolStep>(read_pool(a), false); }},
       {"global_pool",
        [](Args& a) -> std::unique_ptr<Step> {

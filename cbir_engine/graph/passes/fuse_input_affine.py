@@ -1,10 +1,12 @@
-"""Folds a pre-activation BatchNorm (+ReLU) into the pointwise conv that reads it.
+"""Folds a pre-activation BatchNorm (+ReLU) into the pointwise conv or the average pool that reads it.
 
 DenseNet's layers are BN -> ReLU -> 1x1 conv on the concatenated features; the BN cannot fold
 into the conv's weights because the ReLU sits between them. The conv instead applies
 x * scale + shift (and the ReLU) per input channel while it packs its input, so the activated
 tensor is never written: inputs 4 and 5 of the Conv hold scale and shift, the attribute
-`input_activation` the ReLU.
+`input_activation` the ReLU. DenseNet's transitions are BN -> ReLU -> average pool -> 1x1 conv
+once `pool_before_pointwise_conv` has run; the pool applies the affine as it reads its input
+(inputs 1 and 2 of the AveragePool; the padding stays 0, as it would on the activated tensor).
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ def _pointwise(conv: Node, w: np.ndarray | None) -> bool:
             and not any(a.get("pads") or [0]) and a.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
 
 
+def _takes_affine(node: Node, g: Graph) -> bool:
+    if node.op == "Conv":
+        return len(node.inputs) <= 4 and _pointwise(node, g.const(node.inputs[1]))
+    # 2-D average pools (the CPU kernels and the GPU engine take the affine there)
+    return (node.op == "AveragePool" and len(node.inputs) == 1
+            and len(g.values[node.inputs[0]].shape or ()) == 4)
+
+
 def fuse_input_affine(g: Graph) -> bool:
     producers = g.producers()
     consumers = g.consumers()
     changed = False
     for conv in list(g.nodes):
-        if conv.op != "Conv" or len(conv.inputs) > 4 or not _pointwise(conv, g.const(conv.inputs[1])):
+        if not _takes_affine(conv, g):
             continue
         x = conv.inputs[0]
         bn = producers.get(x)
@@ -43,7 +53,10 @@ def fuse_input_affine(g: Graph) -> bool:
         k = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
         s_name = g.add_const(k.astype(np.float32), f"{conv.outputs[0]}_in_scale")
         h_name = g.add_const((bias - mean * k).astype(np.float32), f"{conv.outputs[0]}_in_shift")
-        conv.inputs = [bn.inputs[0], conv.inputs[1], conv.input(2), conv.input(3), s_name, h_name]
+        if conv.op == "Conv":
+            conv.inputs = [bn.inputs[0], conv.inputs[1], conv.input(2), conv.input(3), s_name, h_name]
+        else:
+            conv.inputs = [bn.inputs[0], s_name, h_name]
         if bn.attrs.get("activation") == "Relu":
             conv.attrs["input_activation"] = "Relu"
         g.remove_nodes([bn])
