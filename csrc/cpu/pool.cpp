@@ -92,66 +92,61 @@ void pool_plane(const Pool2dParams& p, const float* cols, int64_t t) {
     v = _mm256_fmadd_ps(v, scale, shift);
     return p.in_relu ? _mm256_max_ps(_mm256_setzero_ps(), v) : v;
   };
-  {
-    const float* x = p.x + t * in_plane;
-    float* y = p.y + t * out_plane;
-    // Slack of 32 past the span: the masked last vector reads (never uses) up to 2*7+16 further.
-    alignas(32) float buf[kMaxRowBuffer + 32];
-    // Averages: 1 / window area per column for the current row factor, rebuilt only when the
-    // row factor changes (at the top and bottom borders).
-    alignas(32) float inv[kMaxRowBuffer + 8];
-    float inv_for = -1.0f;
-    float* vrow = buf + p.PL;  // vrow[ix] for ix in [-PL, span - PL)
-    std::fill(buf, buf + span + 32, ident);
-    for (int oy = 0; oy < p.OH; ++oy) {
-      int rows_pad = 0, rows_valid = 0;
-      bool first = true;
-      for (int ky = 0; ky < p.KH; ++ky) {
-        const int iy = oy * p.SH - p.PT + ky * p.DH;
-        rows_pad += (iy >= -p.PT && iy < p.H + p.PB);
-        if (iy < 0 || iy >= p.H) continue;
-        ++rows_valid;
-        const float* xr = x + int64_t(iy) * p.W;
-        // Whole vectors; the last group loads only the row's remaining floats and leaves the
-        // identity in the lanes past the row (the right padding of the buffer).
-        for (int j = 0; j < p.W; j += 8) {
-          __m256 v;
-          if (j + 8 <= p.W) {
-            v = affine(_mm256_loadu_ps(xr + j));
-          } else {
-            const __m256i m = simd::tail_mask(p.W - j);
-            v = _mm256_blendv_ps(identv, affine(_mm256_maskload_ps(xr + j, m)), _mm256_castsi256_ps(m));
-          }
-          if (!first) {
-            const __m256 acc = _mm256_loadu_ps(vrow + j);
-            v = kMax ? max_keep_nan(acc, v) : _mm256_add_ps(acc, v);
-          }
-          _mm256_storeu_ps(vrow + j, v);
+  const float* x = p.x + t * in_plane;
+  float* y = p.y + t * out_plane;
+  // Slack of 32 past the span: the masked last vector reads (never uses) up to 2*7+16 further.
+  alignas(32) float buf[kMaxRowBuffer + 32];
+  // Averages: 1 / window area per column for the current row factor, rebuilt only when the
+  // row factor changes (at the top and bottom borders).
+  alignas(32) float inv[kMaxRowBuffer + 8];
+  float inv_for = -1.0f;
+  float* vrow = buf + p.PL;  // vrow[ix] for ix in [-PL, span - PL)
+  std::fill(buf, buf + span + 32, ident);
+  for (int oy = 0; oy < p.OH; ++oy) {
+    bool first = true;
+    for (int ky = 0; ky < p.KH; ++ky) {
+      const int iy = oy * p.SH - p.PT + ky * p.DH;
+      if (iy < 0 || iy >= p.H) continue;
+      const float* xr = x + int64_t(iy) * p.W;
+      // Whole vectors; the last group loads only the row's remaining floats and leaves the
+      // identity in the lanes past the row (the right padding of the buffer).
+      for (int j = 0; j < p.W; j += 8) {
+        __m256 v;
+        if (j + 8 <= p.W) {
+          v = affine(_mm256_loadu_ps(xr + j));
+        } else {
+          const __m256i m = simd::tail_mask(p.W - j);
+          v = _mm256_blendv_ps(identv, affine(_mm256_maskload_ps(xr + j, m)), _mm256_castsi256_ps(m));
         }
-        first = false;
-      }
-      if (first) std::fill(vrow, vrow + p.W, ident);  // no input row under the window
-      const float row_div = float(p.count_include_pad ? rows_pad : rows_valid);
-      if (!kMax && row_div != inv_for) {
-        for (int ox = 0; ox < p.OW + 8; ++ox) inv[ox] = 1.0f / std::max(1.0f, row_div * cols[ox]);
-        inv_for = row_div;
-      }
-      float* yr = y + int64_t(oy) * p.OW;
-      int ox = 0;
-      if (vectorised) {
-        for (; ox + 8 <= p.OW; ox += 8) _mm256_storeu_ps(yr + ox, pool_vec(buf, ox, inv));
-        if (ox < p.OW) {  // via a small buffer: masked stores are slow on some CPUs (Zen)
-          alignas(32) float last[8];
-          _mm256_store_ps(last, pool_vec(buf, ox, inv));
-          for (int i = 0; ox < p.OW; ++i, ++ox) yr[ox] = last[i];
+        if (!first) {
+          const __m256 acc = _mm256_loadu_ps(vrow + j);
+          v = kMax ? max_keep_nan(acc, v) : _mm256_add_ps(acc, v);
         }
+        _mm256_storeu_ps(vrow + j, v);
       }
-      for (; ox < p.OW; ++ox) {
-        const float* w = buf + int64_t(ox) * p.SW;
-        float m = w[0];
-        for (int kx = 1; kx < p.KW; ++kx) m = kMax ? max_keep_nan(m, w[kx * p.DW]) : m + w[kx * p.DW];
-        yr[ox] = kMax ? m : m * inv[ox];
+      first = false;
+    }
+    if (first) std::fill(vrow, vrow + p.W, ident);  // no input row under the window
+    const float row_div = kMax ? 1.0f : window_rows(p, oy);
+    if (!kMax && row_div != inv_for) {
+      for (int ox = 0; ox < p.OW + 8; ++ox) inv[ox] = 1.0f / std::max(1.0f, row_div * cols[ox]);
+      inv_for = row_div;
+    }
+    float* yr = y + int64_t(oy) * p.OW;
+    int ox = 0;
+    if (vectorised) {
+      for (; ox + 8 <= p.OW; ox += 8) _mm256_storeu_ps(yr + ox, pool_vec(buf, ox, inv));
+      if (ox < p.OW) {  // via a small buffer: masked stores are slow on some CPUs (Zen)
+        alignas(32) float last[8];
+        _mm256_store_ps(last, pool_vec(buf, ox, inv));
+        for (int i = 0; ox < p.OW; ++i, ++ox) yr[ox] = last[i];
       }
+    }
+    for (; ox < p.OW; ++ox) {
+      const float* w = buf + int64_t(ox) * p.SW;
+      float m = w[0];
+      for (int kx = 1; kx < p.KW; ++kx) m = kMax ? max_keep_nan(m, w[kx * p.DW]) : m + w[kx * p.DW];
+      yr[ox] = kMax ? m : m * inv[ox];
     }
   }
 }
@@ -171,7 +166,7 @@ bool run_pool_stride2(const Pool2dParams& p, Parallel& par) {
   const int row_floats = pool_detail::stride2_row_floats(p);
   std::vector<float> factors;
   if (!kMax) {
-    if (int64_t(p.OH) * row_floats > (int64_t(1) << 16)) return false;  // the table would not pay
+    if (int64_t(p.OH) * row_floats > (int64_t(1) << 16)) return false;  // over 256 KiB: the row-buffer path
     alignas(32) float cols[kMaxRowBuffer + 8];
     window_columns(p, cols);
     factors.assign(size_t(p.OH) * size_t(row_floats), 0.0f);
