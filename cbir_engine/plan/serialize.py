@@ -31,7 +31,11 @@ from cbir_engine.fileio import atomic_write
 from cbir_engine.graph.ir import Graph, Node, Value
 
 MAGIC = b"CBIRPLAN"
-VERSION = 3  # bumped whenever the packed weight layouts change
+# Bumped whenever the packed weight layouts change, or a saved graph may hold what an older build
+# would misread: version 4 lets an AveragePool carry a folded BatchNorm (inputs 1 and 2), which a
+# version-3 reader would drop. Graphs of version 3 are version-4 graphs without it.
+VERSION = 4
+READABLE = (3, 4)
 CHUNK = 8 << 20
 HEADER = struct.Struct("<8sIIQQII")  # magic, version, reserved, meta len, data len, meta crc, data crc
 HEADER_BYTES = 64
@@ -199,8 +203,9 @@ def load_plan(path: str | os.PathLike, verify: bool = True
         raise PlanFileError(f"{path}: not a cbir-engine plan file")
     if zlib.crc32(head[:HEADER.size]) != head_crc:
         raise PlanFileError(f"{path}: header checksum mismatch (corrupted file)")
-    if version != VERSION:
-        raise PlanFileError(f"{path}: plan format version {version}, this build reads {VERSION}")
+    if version not in READABLE:
+        raise PlanFileError(f"{path}: plan format version {version}, this build reads "
+                            + " and ".join(str(v) for v in READABLE))
     data_start = HEADER_BYTES + _align(meta_len)
     if data_start + data_len != size:
         raise PlanFileError(f"{path}: {size} bytes, the header promises {data_start + data_len} "

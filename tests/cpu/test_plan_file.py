@@ -72,6 +72,35 @@ def test_corrupted_plan_is_refused(engine, tmp_path) -> None:
             cbir_engine.load(p)
 
 
+def _with_version(data: bytes, version: int) -> bytes:
+    """The plan file with another format version in its header (and the header's CRC redone)."""
+    import struct
+    import zlib
+
+    from cbir_engine.plan.serialize import HEADER
+
+    head = bytearray(data[:HEADER.size])
+    struct.pack_into("<I", head, 8, version)
+    return bytes(head) + struct.pack("<I", zlib.crc32(bytes(head))) + data[HEADER.size + 4:]
+
+
+def test_plan_format_versions(engine, tmp_path) -> None:
+    """Version 3 files (before an AveragePool could carry a folded BatchNorm) still load; other
+    versions are refused by name, never misread."""
+    path = tmp_path / "block.plan"
+    engine.save(path)
+    data = path.read_bytes()
+    v3 = tmp_path / "v3.plan"
+    v3.write_bytes(_with_version(data, 3))
+    x = np.random.default_rng(1).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(cbir_engine.load(v3)(x), engine(x))
+    for version in (2, 5):
+        bad = tmp_path / f"v{version}.plan"
+        bad.write_bytes(_with_version(data, version))
+        with pytest.raises(PlanFileError, match=f"version {version}, this build reads 3 and 4"):
+            cbir_engine.load(bad)
+
+
 def test_failed_save_keeps_the_old_file(engine, tmp_path, monkeypatch) -> None:
     path = tmp_path / "block.plan"
     engine.save(path)
