@@ -136,3 +136,20 @@ def test_moved_pool_shrinks_the_conv_and_keeps_the_batch_dims() -> None:
         plan = engine.plan_for({"x": x.shape})
         conv = next(s for s in plan.steps if s.label.startswith("conv2d"))
         assert conv.flops == 2 * batch * 16 * 8 * 4 * 4  # 4x4 pooled pixels, not 8x8
+
+
+def test_pool_carrying_a_folded_batchnorm_stays() -> None:
+    """An average pool with a BatchNorm folded into it (fuse_input_affine: inputs 1 and 2) pools
+    the activated tensor, not the conv's output: it must not move in front of the conv."""
+    from cbir_engine.graph.passes import pool_before_pointwise_conv
+    from cbir_engine.onnx.importer import import_model
+
+    graph, _ = import_model(
+        onnx.load_from_string(model("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}))
+    )
+    pool = next(n for n in graph.nodes if n.op == "AveragePool")
+    scale = graph.add_const(np.ones(5, np.float32), "pool_in_scale")
+    shift = graph.add_const(np.zeros(5, np.float32), "pool_in_shift")
+    pool.inputs = [pool.inputs[0], scale, shift]
+    assert not pool_before_pointwise_conv(graph)
+    assert [n.op for n in graph.nodes] == ["Conv", "AveragePool"]

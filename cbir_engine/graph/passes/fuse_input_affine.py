@@ -35,10 +35,10 @@ def fuse_input_affine(g: Graph) -> bool:
     producers = g.producers()
     consumers = g.consumers()
     changed = False
-    for conv in list(g.nodes):
-        if not _takes_affine(conv, g):
+    for reader in list(g.nodes):
+        if not _takes_affine(reader, g):
             continue
-        x = conv.inputs[0]
+        x = reader.inputs[0]
         bn = producers.get(x)
         if bn is None or bn.op != "BatchNormalization" or len(bn.outputs) != 1:
             continue
@@ -51,14 +51,14 @@ def fuse_input_affine(g: Graph) -> bool:
             continue
         scale, bias, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)  # type: ignore[arg-type]
         k = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-        s_name = g.add_const(k.astype(np.float32), f"{conv.outputs[0]}_in_scale")
-        h_name = g.add_const((bias - mean * k).astype(np.float32), f"{conv.outputs[0]}_in_shift")
-        if conv.op == "Conv":
-            conv.inputs = [bn.inputs[0], conv.inputs[1], conv.input(2), conv.input(3), s_name, h_name]
+        s_name = g.add_const(k.astype(np.float32), f"{reader.outputs[0]}_in_scale")
+        h_name = g.add_const((bias - mean * k).astype(np.float32), f"{reader.outputs[0]}_in_shift")
+        if reader.op == "Conv":
+            reader.inputs = [bn.inputs[0], reader.inputs[1], reader.input(2), reader.input(3), s_name, h_name]
         else:
-            conv.inputs = [bn.inputs[0], s_name, h_name]
+            reader.inputs = [bn.inputs[0], s_name, h_name]
         if bn.attrs.get("activation") == "Relu":
-            conv.attrs["input_activation"] = "Relu"
+            reader.attrs["input_activation"] = "Relu"
         g.remove_nodes([bn])
         producers = g.producers()
         consumers = g.consumers()

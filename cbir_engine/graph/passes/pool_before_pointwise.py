@@ -43,7 +43,7 @@ def _shrinking_average(pool: Node) -> bool:
     a = pool.attrs
     if pool.op == "GlobalAveragePool":
         return True
-    if pool.op != "AveragePool" or len(pool.outputs) != 1:
+    if pool.op != "AveragePool" or len(pool.outputs) != 1 or len(pool.inputs) != 1:  # no folded BatchNorm
         return False
     if (
         a.get("ceil_mode", 0)
