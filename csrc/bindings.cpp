@@ -106,13 +106,20 @@ TensorRef to_ref(const py::handle& obj) {
   TensorRef r;
   if (obj.is_none()) return r;
   auto t = obj.cast<py::tuple>();
-  if (t.size() != 3) throw py::value_error("a tensor reference is (is_const, offset, shape)");
+  if (t.size() != 3 && t.size() != 4)
+    throw py::value_error("a tensor reference is (is_const, offset, shape[, batch_stride])");
   r.present = true;
   r.is_const = t[0].cast<bool>();
   r.offset = t[1].cast<int64_t>();
   r.shape = t[2].cast<std::vector<int64_t>>();
   for (int64_t d : r.shape)
     if (d < 0) throw py::value_error("negative dimension in a tensor reference");
+  if (t.size() == 4) {
+    r.batch_stride = t[3].cast<int64_t>();
+    const int64_t per_item = r.shape.empty() || r.shape[0] == 0 ? 0 : r.numel() / r.shape[0];
+    if (r.batch_stride != 0 && (r.is_const || r.shape.empty() || r.batch_stride < per_item))
+      throw py::value_error("a batch stride needs an arena tensor and at least one item's floats");
+  }
   return r;
 }
 

@@ -195,7 +195,7 @@ GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx, AffineCtx& ac
   const int Cg = p.C / p.groups, Kg = p.K / p.groups;
   const int64_t out_plane = int64_t(p.OH) * p.OW;
   ctx = ImageCtx{p.x + int64_t(g) * Cg * p.H * p.W,
-                 int64_t(p.C) * p.H * p.W,
+                 conv_x_batch_stride(p),
                  p.H, p.W, p.OW, p.KH, p.KW, p.SH, p.SW, p.PT, p.PL, p.DH, p.DW};
   GemmParams gp;
   gp.M = Kg;
@@ -222,7 +222,7 @@ GemmParams group_gemm(const Conv2dParams& p, int g, ImageCtx& ctx, AffineCtx& ac
   }
   gp.c = p.y + int64_t(g) * Kg * out_plane;
   gp.ldc = out_plane;
-  gp.c_bs = int64_t(p.K) * out_plane;
+  gp.c_bs = conv_y_batch_stride(p);
   gp.ep.bias = p.bias ? p.bias + g * Kg : nullptr;
   gp.ep.bias_per_row = true;
   if (p.residual) {

@@ -29,7 +29,14 @@ struct Conv2dParams {
   const float* in_scale = nullptr;
   const float* in_shift = nullptr;
   bool in_relu = false;
+  // Floats from one image to the next in x and y; 0: the images lie back to back (C*H*W and
+  // K*OH*OW). Wider strides let a conv read and write channel slices of a larger tensor in
+  // place (a concatenation at batch > 1). Not the depthwise path, nor with a residual.
+  int64_t x_bs = 0, y_bs = 0;
 };
+
+inline int64_t conv_x_batch_stride(const Conv2dParams& p) { return p.x_bs ? p.x_bs : int64_t(p.C) * p.H * p.W; }
+inline int64_t conv_y_batch_stride(const Conv2dParams& p) { return p.y_bs ? p.y_bs : int64_t(p.K) * p.OH * p.OW; }
 
 // Weights [K, C/groups, KH, KW] -> per-group packed GEMM A operands, back to back.
 size_t conv2d_packed_weight_floats(int K, int Cg, int KH, int KW, int groups);

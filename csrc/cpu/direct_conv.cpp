@@ -206,7 +206,7 @@ Layout layout_of(const Conv2dParams& p) {
 // at dst + j * pix (pix = l.cs, or a transposed copy's row length).
 void copy_row(const Conv2dParams& p, const Layout& l, int64_t n, int r, float* dst, int64_t pix) {
   const int64_t plane = int64_t(p.H) * p.W;
-  const float* x = p.x + n * p.C * plane;
+  const float* x = p.x + n * conv_x_batch_stride(p);
   const int iy = l.sampled ? r * p.SH : r - p.PT;
   const int step = l.sampled ? p.SW : 1, shift = l.sampled ? 0 : p.PL;
   if (iy < 0 || iy >= p.H) {
@@ -380,7 +380,7 @@ void run_direct_conv2d(const Conv2dParams& p, float* workspace, Parallel& par) {
     const int nb = std::min(per_task, blocks - kb);
     const float* w = p.w + kb * wblock;
     const float* xn = workspace + n * image_floats;
-    float* yn = p.y + n * int64_t(p.K) * ohw;
+    float* yn = p.y + n * conv_y_batch_stride(p);
     const float* rn = p.residual ? p.residual + n * int64_t(p.K) * ohw : nullptr;
     const int k0 = kb * CB;
     const int oy0 = chunk * rows, oy1 = std::min(out_rows, (chunk + 1) * rows);

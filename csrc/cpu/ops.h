@@ -27,7 +27,15 @@ struct Pool2dParams {
   const float* in_scale = nullptr;
   const float* in_shift = nullptr;
   bool in_relu = false;
+  // Floats from one image of y to the next; 0: back to back (C*OH*OW). A wider stride writes a
+  // channel slice of a larger tensor (a concatenation at batch > 1).
+  int64_t y_bs = 0;
 };
+// Output plane t (= image * C + channel) of a pool.
+inline float* pool_out_plane(const Pool2dParams& p, int64_t t) {
+  const int64_t plane = int64_t(p.OH) * p.OW;
+  return p.y_bs ? p.y + (t / p.C) * p.y_bs + (t % p.C) * plane : p.y + t * plane;
+}
 void run_maxpool2d(const Pool2dParams& p, Parallel& par);
 void run_avgpool2d(const Pool2dParams& p, Parallel& par);
 // Per-thread scratch pooling can use (0: none needed).

@@ -64,7 +64,7 @@ float window_rows(const Pool2dParams& p, int oy) {
 // Pools plane t (of N * C).
 template <bool kMax>
 void pool_plane(const Pool2dParams& p, const float* cols, int64_t t) {
-  const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
+  const int64_t in_plane = int64_t(p.H) * p.W;
   const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
   const int span = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1;  // buffer columns the windows read
   // 8 outputs at a time across the row (the last group masked): taps of output ox start at
@@ -93,7 +93,7 @@ void pool_plane(const Pool2dParams& p, const float* cols, int64_t t) {
     return p.in_relu ? _mm256_max_ps(_mm256_setzero_ps(), v) : v;
   };
   const float* x = p.x + t * in_plane;
-  float* y = p.y + t * out_plane;
+  float* y = pool_out_plane(p, t);
   // Slack of 32 past the span: the masked last vector reads (never uses) up to 2*7+16 further.
   alignas(32) float buf[kMaxRowBuffer + 32];
   // Averages: 1 / window area per column for the current row factor, rebuilt only when the
@@ -345,7 +345,7 @@ void run_pool3x3_s1(const Pool2dParams& p, Parallel& par) {
         return combine(combine(_mm256_load_ps(r0 + 8 * b), _mm256_load_ps(r1 + 8 * b)), _mm256_load_ps(r2 + 8 * b));
       };
       const float rinv = row_inv<kMax>(p, yy);
-      float* dst = p.y + t * plane + int64_t(yy) * p.W;
+      float* dst = pool_out_plane(p, t) + int64_t(yy) * p.W;
       __m256 prev = identv, cur = column(0);
       for (int b = 0; b * 8 < p.W; ++b) {
         const __m256 next = b + 1 < g.blocks ? column(b + 1) : identv;
@@ -395,7 +395,7 @@ void run_pool_same_s1(const Pool2dParams& p, Parallel& par) {
       const float* src = hp + int64_t(yy) * g.stride;
       const float rinv = row_inv<kMax>(p, yy);
       for (int xx = 0; xx < p.W; xx += 8)
-        store_out<kMax>(p, _mm256_loadu_ps(src + xx), rinv, cinv, yy, xx, p.y + t * plane + int64_t(yy) * p.W);
+        store_out<kMax>(p, _mm256_loadu_ps(src + xx), rinv, cinv, yy, xx, pool_out_plane(p, t) + int64_t(yy) * p.W);
     }
   };
   par.run(int64_t(p.N) * p.C, task);
@@ -403,10 +403,10 @@ void run_pool_same_s1(const Pool2dParams& p, Parallel& par) {
 
 // Direct form for rows too wide for the stack buffer.
 void maxpool_direct(const Pool2dParams& p, Parallel& par) {
-  const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
+  const int64_t in_plane = int64_t(p.H) * p.W;
   auto task = [&](int64_t t, int) {
     const float* x = p.x + t * in_plane;
-    float* y = p.y + t * out_plane;
+    float* y = pool_out_plane(p, t);
     for (int oy = 0; oy < p.OH; ++oy) {
       for (int ox = 0; ox < p.OW; ++ox) {
         float m = -std::numeric_limits<float>::infinity();
@@ -432,11 +432,11 @@ void maxpool_direct(const Pool2dParams& p, Parallel& par) {
 
 
 void avgpool_direct(const Pool2dParams& p, Parallel& par) {
-  const int64_t in_plane = int64_t(p.H) * p.W, out_plane = int64_t(p.OH) * p.OW;
+  const int64_t in_plane = int64_t(p.H) * p.W;
   auto task = [&](int64_t t, int) {
     const int c = int(t % p.C);
     const float* x = p.x + t * in_plane;
-    float* y = p.y + t * out_plane;
+    float* y = pool_out_plane(p, t);
     for (int oy = 0; oy < p.OH; ++oy) {
       int rows_pad = 0;  // window taps inside the padded image
       for (int ky = 0; ky < p.KH; ++ky) {

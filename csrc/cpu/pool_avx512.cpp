@@ -106,7 +106,7 @@ CBIR_AVX512 bool plane(const Pool2dParams& p, int64_t t, const float* factors) {
   const float ident = kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
   const __m512 identv = _mm512_set1_ps(ident);
   const float* x = p.x + t * int64_t(p.H) * p.W;
-  float* y = p.y + t * int64_t(p.OH) * p.OW;
+  float* y = pool_out_plane(p, t);
   const int row_floats = stride2_row_floats(p);
   InputAffine af;
   if (!kMax && p.in_scale) {

@@ -270,7 +270,7 @@ void run_winograd_conv3x3(const Conv2dParams& p, float* workspace, Parallel& par
         }
         const TileOrigin o = tile_origin(t, t0 + j, 4);
         const int y0 = o.y - p.PT, x0 = o.x - p.PL;
-        pos[lane] = TilePos{p.x + o.image * p.C * in_plane, y0, x0,
+        pos[lane] = TilePos{p.x + o.image * conv_x_batch_stride(p), y0, x0,
                             x0 >= 0 && x0 + 8 <= p.W && y0 >= 0 && y0 + A6 <= p.H};
       }
     };

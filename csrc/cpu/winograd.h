@@ -54,10 +54,9 @@ struct WinogradOutPos {
 // `tiles` tiles); entries past the chunk's last tile are left untouched.
 inline void winograd_out_positions(const WinogradTiling& t, const Conv2dParams& p, int out_tile, int64_t t0,
                                    int64_t tiles, int64_t panel, WinogradOutPos* pos) {
-  const int64_t out_plane = int64_t(p.OH) * p.OW;
   for (int lane = 0; lane < kGemmNR && panel * kGemmNR + lane < tiles; ++lane) {
     const TileOrigin o = tile_origin(t, t0 + panel * kGemmNR + lane, out_tile);
-    pos[lane] = WinogradOutPos{o.image * p.K * out_plane + int64_t(o.y) * p.OW + o.x,
+    pos[lane] = WinogradOutPos{o.image * conv_y_batch_stride(p) + int64_t(o.y) * p.OW + o.x,
                                std::min(out_tile, p.OH - o.y), std::min(out_tile, p.OW - o.x)};
   }
 }

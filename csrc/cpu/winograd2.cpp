@@ -116,7 +116,7 @@ void run_winograd2_conv3x3(const Conv2dParams& p, float* workspace, Parallel& pa
         const TileOrigin o = tile_origin(t, t0 + j, 2);
         const int y0 = o.y - p.PT, x0 = o.x - p.PL;
         const __m128i cols = _mm256_castsi256_si128(simd::range_mask(std::max(0, -x0), std::min(A4, p.W - x0)));
-        pos[lane] = TilePos{p.x + o.image * p.C * in_plane, y0, cols, x0};
+        pos[lane] = TilePos{p.x + o.image * conv_x_batch_stride(p), y0, cols, x0};
       }
     };
     run_transform_tasks<TilePos>(par, groups, p.C, in_positions, in_group);

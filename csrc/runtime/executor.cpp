@@ -23,6 +23,12 @@ int64_t TensorRef::numel() const {
   return n;
 }
 
+int64_t TensorRef::extent() const {
+  const int64_t n = numel();
+  if (!batch_stride || n == 0) return n;
+  return (shape[0] - 1) * batch_stride + n / shape[0];
+}
+
 namespace {
 
 using cpu::Act;
@@ -97,6 +103,11 @@ std::unique_ptr<Step> make_conv2d(Args& a) {
   if (method_id < 0 || method_id > 4) a.fail("unknown conv method");
   const auto method = ConvMethod(method_id);
   p.x = a.need(0), p.w = a.need(1), p.bias = a.p(2), p.residual = a.p(3), p.y = a.need(4);
+  p.x_bs = a.t(0).batch_stride, p.y_bs = a.t(4).batch_stride;
+  if ((p.x_bs || p.y_bs) && method == ConvMethod::Depthwise) a.fail("the depthwise conv takes no batch strides");
+  if (p.y_bs && p.residual) a.fail("a conv with a residual writes a whole tensor (no batch stride)");
+  for (size_t k : {size_t(1), size_t(2), size_t(3)})
+    if (k < a.tensors() && a.t(k).batch_stride) a.fail("only x and y may have batch strides");
   if (a.has_int()) {  // an input affine (+ReLU) folded in: scale and shift are tensors 5 and 6
     p.in_relu = a.i() != 0;
     p.in_scale = a.need(5), p.in_shift = a.need(6);
@@ -234,6 +245,7 @@ cpu::Pool2dParams read_pool(Args& a) {
   p.DH = a.i32(), p.DW = a.i32();
   p.count_include_pad = a.i() != 0;
   p.x = a.need(0), p.y = a.need(1);
+  p.y_bs = a.t(1).batch_stride;
   if (a.tensors() > 2) {  // average pools: an input affine (scale, shift per channel), then a ReLU flag
     if (!a.has_int()) a.fail("an input affine needs its ReLU flag");
     p.in_relu = a.i() != 0;
@@ -462,6 +474,11 @@ Executor::Executor(std::shared_ptr<ThreadPool> pool, int64_t arena_bytes, std::v
     auto it = kernel_registry().find(spec.kernel);
     if (it == kernel_registry().end()) throw std::invalid_argument("unknown kernel '" + spec.kernel + "'");
     Args args(spec, *this);
+    // Batch strides: conv steps' x and y, pools' y (read_pool, make_conv2d); nothing else.
+    const bool pool = spec.kernel == "maxpool2d" || spec.kernel == "avgpool2d";
+    for (size_t k = 0; k < spec.tensors.size(); ++k)
+      if (spec.tensors[k].batch_stride && spec.kernel != "conv2d" && !(pool && k == 1))
+        args.fail("takes no tensor with a batch stride here");
     steps_.push_back(it->second(args));
     scratch = std::max(scratch, steps_.back()->scratch_floats(pool_->threads()));
     workspace = std::max(workspace, steps_.back()->workspace_floats(pool_->threads()));
@@ -484,7 +501,7 @@ float* Executor::tensor_ptr(const TensorRef& t) {
                                   std::to_string(t.numel()));
     return const_cast<float*>(c.data);
   }
-  const int64_t bytes = t.numel() * int64_t(sizeof(float));
+  const int64_t bytes = t.extent() * int64_t(sizeof(float));
   if (t.offset < 0 || t.offset % int64_t(sizeof(float)) || t.offset + bytes > arena_bytes_)
     throw std::invalid_argument("tensor outside the arena");
   return reinterpret_cast<float*>(arena_.get() + t.offset);

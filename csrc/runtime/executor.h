@@ -19,7 +19,11 @@ struct TensorRef {
   bool is_const = false;
   int64_t offset = 0;  // bytes into the arena, or the constant's index
   std::vector<int64_t> shape;
+  // Floats from one index of the first dimension to the next; 0: back to back. A channel slice
+  // of a concatenation's buffer at batch > 1 (only conv steps take such tensors).
+  int64_t batch_stride = 0;
   int64_t numel() const;
+  int64_t extent() const;  // floats from the first element to one past the last
 };
 
 struct StepSpec {
