@@ -6,6 +6,7 @@ be read or written by a step that takes no batch stride, the concat copies as be
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -104,8 +105,6 @@ def test_dense_block_concatenates_in_place(gemm_isa: str, batch: int) -> None:
     onnx_bytes = dense_block()
     engine = cbir_engine.load(onnx_bytes, threads=2)
     x = rand(batch, 16, 29, 29)
-    import onnx
-
     ref = reference(onnx.load_from_string(onnx_bytes), {"x": x})[0]
     assert rel_err(engine.run({"x": x})["block"], ref) <= 1e-5
     plan = plan_of(engine, batch, 29, 16)
@@ -120,8 +119,6 @@ def test_inception_module_concatenates_in_place(gemm_isa: str, batch: int) -> No
     onnx_bytes = inception_module()
     engine = cbir_engine.load(onnx_bytes, threads=2)
     x = rand(batch, 3, 17, 17)
-    import onnx
-
     ref = reference(onnx.load_from_string(onnx_bytes), {"x": x})[0]
     assert rel_err(engine.run({"x": x})["y"], ref) <= 1e-5
     plan = plan_of(engine, batch, 17, 3)
@@ -159,8 +156,6 @@ def test_prefix_read_by_every_conv_kind(gemm_isa: str, batch: int, size: int) ->
     onnx_bytes = b.model(3, size, "y")
     engine = cbir_engine.load(onnx_bytes, threads=2)
     x_in = rand(batch, 3, size, size)
-    import onnx
-
     ref = reference(onnx.load_from_string(onnx_bytes), {"x": x_in})[0]
     assert rel_err(engine.run({"x": x_in})["y"], ref) <= 1e-5
     plan = plan_of(engine, batch, size, 3)
@@ -191,8 +186,6 @@ def test_slice_read_by_a_step_without_batch_strides_is_copied() -> None:
     onnx_bytes = b.model(3, 9, "y")
     engine = cbir_engine.load(onnx_bytes, threads=2)
     x_in = rand(2, 3, 9, 9)
-    import onnx
-
     ref = reference(onnx.load_from_string(onnx_bytes), {"x": x_in})[0]
     assert rel_err(engine.run({"x": x_in})["y"], ref) <= 1e-5
     plan = plan_of(engine, 2, 9, 3)
