@@ -82,6 +82,7 @@ def place_concat_inputs(steps: list[PlanStep], protected: set[str]) -> Placement
     no batch stride (a concat that copies it), the buffer it would live in takes no slices.
     """
     no_slices: set[str] = set()  # concat outputs whose inputs are not placed as slices
+    # Each round that finds a slice in the wrong place takes slices from one more buffer: it ends.
     while True:
         trial = [replace(s, operands=list(s.operands)) for s in steps]
         placed, strided = _place(trial, protected, no_slices)
