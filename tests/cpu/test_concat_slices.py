@@ -96,18 +96,17 @@ def inception_module() -> bytes:
     return b.model(3, 17, "y")
 
 
-def plan_of(engine: cbir_engine.Engine, batch: int, size: int, cin: int):
-    return engine.plan_for({"x": (batch, cin, size, size)})
+def run_and_plan(onnx_bytes: bytes, x: np.ndarray, out: str):
+    """Runs the model on x, checks the output against the ONNX reference, returns x's plan."""
+    engine = cbir_engine.load(onnx_bytes, threads=2)
+    ref = reference(onnx.load_from_string(onnx_bytes), {"x": x})[0]
+    assert rel_err(engine.run({"x": x})[out], ref) <= 1e-5
+    return engine.plan_for({"x": x.shape})
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_dense_block_concatenates_in_place(gemm_isa: str, batch: int) -> None:
-    onnx_bytes = dense_block()
-    engine = cbir_engine.load(onnx_bytes, threads=2)
-    x = rand(batch, 16, 29, 29)
-    ref = reference(onnx.load_from_string(onnx_bytes), {"x": x})[0]
-    assert rel_err(engine.run({"x": x})["block"], ref) <= 1e-5
-    plan = plan_of(engine, batch, 29, 16)
+    plan = run_and_plan(dense_block(), rand(batch, 16, 29, 29), "block")
     assert not [s for s in plan.steps if s.kernel == "concat"]
     # At batch 1 the slices are contiguous; beyond it every slice and prefix steps over the block's
     # whole buffer (16 + 3 * 8 channels of 15 x 15) from one image to the next.
@@ -116,12 +115,7 @@ def test_dense_block_concatenates_in_place(gemm_isa: str, batch: int) -> None:
 
 @pytest.mark.parametrize("batch", [2, 3])
 def test_inception_module_concatenates_in_place(gemm_isa: str, batch: int) -> None:
-    onnx_bytes = inception_module()
-    engine = cbir_engine.load(onnx_bytes, threads=2)
-    x = rand(batch, 3, 17, 17)
-    ref = reference(onnx.load_from_string(onnx_bytes), {"x": x})[0]
-    assert rel_err(engine.run({"x": x})["y"], ref) <= 1e-5
-    plan = plan_of(engine, batch, 17, 3)
+    plan = run_and_plan(inception_module(), rand(batch, 3, 17, 17), "y")
     labels = {s.label.split(" ")[0] for s in plan.steps}
     assert {"conv2d/gemm", "conv2d/winograd", "conv2d/direct", "maxpool2d"} <= labels, labels
     # The grouped conv runs as a GEMM per group and writes its slice too; only the concat's copy of
@@ -153,12 +147,7 @@ def test_prefix_read_by_every_conv_kind(gemm_isa: str, batch: int, size: int) ->
     )
     im2col = "im2col"
     b.nodes.append(helper.make_node("Concat", [a, c, wino, direct, im2col], ["y"], axis=1))
-    onnx_bytes = b.model(3, size, "y")
-    engine = cbir_engine.load(onnx_bytes, threads=2)
-    x_in = rand(batch, 3, size, size)
-    ref = reference(onnx.load_from_string(onnx_bytes), {"x": x_in})[0]
-    assert rel_err(engine.run({"x": x_in})["y"], ref) <= 1e-5
-    plan = plan_of(engine, batch, size, 3)
+    plan = run_and_plan(b.model(3, size, "y"), rand(batch, 3, size, size), "y")
     readers = {
         s.label.split(" ")[0] for s in plan.steps if s.kernel == "conv2d" and s.operands[0].value == "head"
     }
@@ -183,12 +172,7 @@ def test_slice_read_by_a_step_without_batch_strides_is_copied() -> None:
     b.nodes.append(helper.make_node("Concat", [a, d, c], ["cat"], axis=1))
     b.nodes.append(helper.make_node("Relu", [a], ["ra"]))
     b.nodes.append(helper.make_node("Concat", ["cat", "ra"], ["y"], axis=1))
-    onnx_bytes = b.model(3, 9, "y")
-    engine = cbir_engine.load(onnx_bytes, threads=2)
-    x_in = rand(2, 3, 9, 9)
-    ref = reference(onnx.load_from_string(onnx_bytes), {"x": x_in})[0]
-    assert rel_err(engine.run({"x": x_in})["y"], ref) <= 1e-5
-    plan = plan_of(engine, 2, 9, 3)
+    plan = run_and_plan(b.model(3, 9, "y"), rand(2, 3, 9, 9), "y")
     copied = {
         op.value for s in plan.steps if s.kernel == "concat" for op in s.operands[:-1] if op is not None
     }
