@@ -34,9 +34,6 @@ inline __m256 load_even(const float* p) {
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8));
 }
 
-// Pooling in two separable passes per output row: the window's input rows are combined into a
-// row buffer padded on both sides with the identity (0 or -inf), so the pass across columns
-// needs no bounds checks; stride-1 windows are vectorised across outputs.
 // Averages divide by the window area inside the image (or the padded image): the factor of
 // output column ox (cols[ox]; zero past the row, up to 8 floats on), then the row's below.
 void window_columns(const Pool2dParams& p, float* cols) {
@@ -61,7 +58,9 @@ float window_rows(const Pool2dParams& p, int oy) {
   return float(p.count_include_pad ? pad : valid);
 }
 
-// Pools plane t (of N * C).
+// Pools plane t (of N * C) in two separable passes per output row: the window's input rows are
+// combined into a row buffer padded on both sides with the identity (0 or -inf), so the pass
+// across columns needs no bounds checks; stride-1 windows are vectorised across outputs.
 template <bool kMax>
 void pool_plane(const Pool2dParams& p, const float* cols, int64_t t) {
   const int64_t in_plane = int64_t(p.H) * p.W;
@@ -160,7 +159,8 @@ void run_pool(const Pool2dParams& p, Parallel& par) {
 }
 
 // Stride-2 windows with AVX-512 (pool_avx512.cpp); a max-pool plane that may hold a NaN is
-// pooled again by pool_plane, which keeps it. Averages take their factors from a table.
+// pooled again by pool_plane, which keeps it. Averages take their factors from a table made
+// once a call (a few KiB; computing them per plane cost DenseNet's 7x7 transition pools 1.4-1.5x).
 template <bool kMax>
 bool run_pool_stride2(const Pool2dParams& p, Parallel& par) {
   const int row_floats = pool_detail::stride2_row_floats(p);
